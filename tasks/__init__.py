@@ -1,0 +1,1 @@
+"""lmforge stages: plain functions behind `python -m tasks.<stage>`."""

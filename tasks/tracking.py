@@ -1,0 +1,213 @@
+"""The one module that talks to MLflow.
+
+Stages get a `Tracker`; tests and `LMFORGE_TRACKING=off` get `NullTracker`, which does nothing.
+Where the runs go: `MLFLOW_TRACKING_URI` if set, else a SQLite file and an artifact folder in the
+project (`mlflow.db`, `mlartifacts/`), so no server is needed. A flow opens a parent run and exports
+its id in `LMFORGE_PARENT_RUN_ID`; each stage's run (named after the stage) nests under it. A stage
+run by `dvc repro` alone has no parent and is a top-level run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Protocol
+
+PARENT_ENV = "LMFORGE_PARENT_RUN_ID"
+EXPERIMENT_ENV = "LMFORGE_EXPERIMENT"
+SWITCH_ENV = "LMFORGE_TRACKING"  # "off" disables tracking
+DEFAULT_EXPERIMENT = "lmforge"
+
+
+class Tracker(Protocol):
+    run_id: str | None
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
+
+
+class NullTracker:
+    """Does nothing; for tests and for runs with tracking switched off."""
+
+    run_id = None
+
+    def log_params(self, params):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_artifact(self, path, artifact_path=None):
+        pass
+
+    def set_tags(self, tags):
+        pass
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> dotted keys, lists of mappings indexed (sources.0.name)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        elif isinstance(value, list) and value and isinstance(value[0], Mapping):
+            for i, item in enumerate(value):
+                out.update(flatten(item, f"{name}.{i}."))
+        else:
+            out[name] = value
+    return out
+
+
+class MlflowTracker:
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log_params(self, params):
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics, step=None):
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in flatten(metrics).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def log_artifact(self, path, artifact_path=None):
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        elif path.exists():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags):
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+
+# ------------------------------------------------------------------------------------------- set-up
+def enabled() -> bool:
+    return os.environ.get(SWITCH_ENV, "on").lower() not in {"off", "0", "false", "no"}
+
+
+def tracking_uri(root: str | Path = ".") -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+def _client(root: str | Path = "."):
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri(root))
+
+
+def _experiment_id(client, name: str, root: str | Path = ".") -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):  # local default: artifacts beside the database
+        location = (Path(root).resolve() / "mlartifacts" / name).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def git_commit(root: str | Path = ".") -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+@contextmanager
+def _run(name: str, tags: Mapping[str, str], parent: str | None, experiment: str | None) -> Iterator[MlflowTracker]:
+    client = _client()
+    exp_id = _experiment_id(client, experiment or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
+    all_tags = {"lmforge.git_commit": git_commit(), **tags}
+    if parent:
+        all_tags["mlflow.parentRunId"] = parent
+    run = client.create_run(exp_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()})
+    tracker = MlflowTracker(client, run.info.run_id)
+    try:
+        yield tracker
+    except BaseException:
+        client.set_terminated(tracker.run_id, "FAILED")
+        raise
+    client.set_terminated(tracker.run_id, "FINISHED")
+
+
+@contextmanager
+def stage_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> Iterator[Tracker]:
+    """The run of one stage, nested under the flow's run when there is one."""
+    if not enabled():
+        yield NullTracker()
+        return
+    with _run(stage, {"lmforge.stage": stage, **(tags or {})}, os.environ.get(PARENT_ENV), None) as tracker:
+        tracker.log_params(params)
+        yield tracker
+
+
+@contextmanager
+def flow_run(name: str, experiment: str, params: Mapping[str, Any]) -> Iterator[Tracker]:
+    """The parent run of one flow run; children find it through LMFORGE_PARENT_RUN_ID."""
+    if not enabled():
+        yield NullTracker()
+        return
+    os.environ[EXPERIMENT_ENV] = experiment
+    with _run(name, {"lmforge.flow": name}, None, experiment) as tracker:
+        tracker.log_params(params)
+        previous = os.environ.get(PARENT_ENV)
+        os.environ[PARENT_ENV] = tracker.run_id
+        try:
+            yield tracker
+        finally:
+            if previous is None:
+                os.environ.pop(PARENT_ENV, None)
+            else:
+                os.environ[PARENT_ENV] = previous
+
+
+def tag_child(parent_run_id: str | None, stage: str, tags: Mapping[str, str]) -> None:
+    """Tag the latest child run of `stage` under a parent (the flow adds DVC's lock hash after a stage ran)."""
+    if not enabled() or not parent_run_id:
+        return
+    client = _client()
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`lmforge.stage` = '{stage}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    for run in runs:
+        for k, v in tags.items():
+            client.set_tag(run.info.run_id, k, str(v))
+
+
+def stage_runs(parent_run_id: str) -> list[dict]:
+    """Children of a flow run: name, status, metrics. Used by the flow's summary and by tests."""
+    client = _client()
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    )
+    return [
+        {"name": r.info.run_name, "status": r.info.status, "metrics": dict(r.data.metrics), "tags": dict(r.data.tags)}
+        for r in runs
+    ]
