@@ -32,19 +32,37 @@ def F(default: Any, description: str, **bounds: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------- mix
+from pydantic import field_validator, model_validator  # noqa: E402  (mix's cross-field checks)
+
+
 class SourceConfig(_Section):
-    name: str = F("", "unique name, used in stats and per-source metrics")
+    name: str = F("", "unique name (default: the kind), used in shard names, stats and metrics", pattern=r"^[A-Za-z0-9_.-]*$")
     kind: Literal["pydoc", "stdlib", "arithmetic", "files", "hf"] = F("files", "where the text comes from")
-    weight: float = F(1.0, "mixture weight: share of the character budget this source gets")
-    path: str | None = F(None, "files: a file, directory or glob of .txt/.jsonl/.parquet")
-    text_field: str = F("text", "files/hf: the column that holds the text")
+    weight: float = F(1.0, "mixture weight: share of the character budget this source gets", gt=0)
+    path: str | None = F(None, "files: a file, directory or glob of .txt/.jsonl/.parquet (.txt: one document per file)")
+    text_field: str = F("text", "files (jsonl/parquet) and hf: the field that holds the text")
     dataset: str | None = F(None, "hf: dataset name on the hub (needs mix.allow_network)")
     split: str = F("train", "hf: split to read")
-    max_docs: int | None = F(None, "read at most this many documents from the source")
+    max_docs: int | None = F(None, "read at most this many documents from the source", gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_defaults_to_kind(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("name"):
+            data = {**data, "name": data.get("kind", "files")}
+        return data
+
+    @model_validator(mode="after")
+    def _kind_needs(self) -> "SourceConfig":
+        if self.kind == "files" and not self.path:
+            raise ValueError(f"source {self.name!r} is kind files: set its path")
+        if self.kind == "hf" and not self.dataset:
+            raise ValueError(f"source {self.name!r} is kind hf: set its dataset")
+        return self
 
 
 class MixConfig(_Section):
-    seed: int = F(0, "seed for shuffling, sampling and the validation split")
+    seed: int = F(0, "seed for reading order, sampling, generated text and the validation split")
     sources: list[SourceConfig] = F(
         [
             {"name": "pydoc", "kind": "pydoc", "weight": 0.35},
@@ -53,34 +71,71 @@ class MixConfig(_Section):
         ],
         "corpora to mix; built-in kinds need no download",
     )
-    budget_chars: int = F(4_000_000, "size budget: characters in the training split, shared by weight")
+    budget_chars: int = F(4_000_000, "size budget: characters in the training split, shared by weight", gt=0)
+    read_factor: float = F(2.0, "read at most this multiple of a source's target before filtering (keeps big sources fast)", ge=1)
     val_fraction: float = F(0.05, "share of each source's documents held out for validation", gt=0, lt=1)
-    max_doc_chars: int = F(4000, "longer documents are cut into pieces of at most this many characters")
-    min_doc_chars: int = F(100, "quality filter: drop documents shorter than this")
-    max_symbol_ratio: float = F(0.5, "quality filter: drop documents where non-alphanumeric, non-space chars exceed this share")
-    max_dup_line_ratio: float = F(0.5, "quality filter: drop documents whose lines repeat more than this share")
+    max_doc_chars: int = F(4000, "longer documents are cut into pieces of at most this many characters", ge=100)
+    min_doc_chars: int = F(100, "quality filter: drop documents shorter than this", ge=0)
+    max_symbol_ratio: float = F(0.5, "quality filter: drop documents where non-alphanumeric, non-space chars exceed this share", ge=0, le=1)
+    max_dup_line_ratio: float = F(0.5, "quality filter: drop documents whose lines repeat more than this share", ge=0, le=1)
     near_dedup: bool = F(True, "remove near-duplicates with MinHash LSH")
-    minhash_perms: int = F(64, "MinHash permutations (signature length)")
-    minhash_bands: int = F(16, "LSH bands; rows per band = perms / bands")
-    shingle_size: int = F(5, "word n-gram size for MinHash shingles")
-    near_dup_threshold: float = F(0.8, "estimated Jaccard similarity above which a document is a near-duplicate")
-    arithmetic_docs: int = F(20000, "documents the arithmetic source generates")
-    arithmetic_max_operand: int = F(99, "largest operand in generated arithmetic")
-    shard_docs: int = F(2000, "documents per output shard")
+    minhash_perms: int = F(64, "MinHash permutations (signature length)", gt=0)
+    minhash_bands: int = F(16, "LSH bands; rows per band = perms / bands", gt=0)
+    shingle_size: int = F(5, "word n-gram size for MinHash shingles", gt=0)
+    near_dup_threshold: float = F(0.8, "estimated Jaccard similarity above which a document is a near-duplicate", gt=0, le=1)
+    arithmetic_docs: int = F(20000, "documents the arithmetic source generates", ge=0)
+    arithmetic_max_operand: int = F(99, "largest operand in generated arithmetic", ge=2)
+    shard_docs: int = F(2000, "documents per output shard", gt=0)
     allow_network: bool = F(False, "let hf sources download; off keeps the default path offline")
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+        if not sources:
+            raise ValueError("list at least one source")
+        names = [s.name for s in sources]
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise ValueError(f"duplicate source name(s) {', '.join(dups)}: give each source a unique name")
+        return sources
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MixConfig":
+        if self.minhash_perms % self.minhash_bands:
+            raise ValueError(f"minhash_perms ({self.minhash_perms}) must be a multiple of minhash_bands ({self.minhash_bands})")
+        hf = [s.name for s in self.sources if s.kind == "hf"]
+        if hf and not self.allow_network:
+            raise ValueError(f"source(s) {', '.join(hf)} download from the Hugging Face hub: set mix.allow_network: true")
+        return self
 
 
 # ----------------------------------------------------------------------------------------- tokenizer
 class TokenizerConfig(_Section):
     kind: Literal["bpe", "wordpiece", "unigram"] = F("bpe", "model: byte-level BPE, WordPiece or Unigram")
-    vocab_size: int = F(4096, "vocabulary size, special tokens included", gt=0)
-    min_frequency: int = F(2, "BPE/WordPiece: ignore merges seen fewer times")
+    vocab_size: int = F(4096, "vocabulary size, special tokens included (bpe needs >= 256 + specials)", gt=0)
+    min_frequency: int = F(2, "BPE/WordPiece: ignore merges seen fewer times", ge=1)
     split_digits: bool = F(True, "split numbers into single digits (helps arithmetic)")
     special_tokens: list[str] = F(
         ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
-        "special tokens: eos, pad, then the chat roles and end-of-turn",
+        "special tokens: eos first, and all of tasks/chat.py's tokens; more may follow",
     )
-    max_train_chars: int = F(20_000_000, "train on at most this many characters of the training split")
+    unk_token: str = F("<|unk|>", "WordPiece/Unigram: token for characters unseen in training (added to the specials)", min_length=1)
+    max_train_chars: int = F(20_000_000, "train on at most this many characters of the training split", ge=1)
+
+    @field_validator("special_tokens")
+    @classmethod
+    def _has_chat_tokens(cls, tokens: list[str]) -> list[str]:
+        # every later stage relies on these (eos/pad ids, chat template): refuse rather than silently add them
+        from tasks import chat
+
+        if not tokens or tokens[0] != chat.EOS:
+            raise ValueError(f"the first special token must be the eos {chat.EOS!r}")
+        missing = [t for t in (chat.PAD, *chat.ROLE_TOKENS.values(), chat.END) if t not in tokens]
+        if missing:
+            raise ValueError(f"missing lmforge chat token(s) {missing} (see tasks/chat.py)")
+        if len(set(tokens)) != len(tokens) or not all(tokens):
+            raise ValueError("special tokens must be distinct and non-empty")
+        return tokens
 
 
 # ------------------------------------------------------------------------------------------ pretrain
@@ -117,19 +172,96 @@ class PretrainConfig(_Section):
 
 # ----------------------------------------------------------------------------- post-training stages
 class SftConfig(_Section):
-    seed: int = F(0, "seed for data generation and training")
+    seed: int = F(0, "seed for data generation, batch order and initialisation")
+    train_examples: int = F(6000, "built-in task conversations to train on (0: only data_files)", ge=0)
+    test_examples: int = F(200, "held-out built-in conversations for loss and answer accuracy", gt=0)
+    data_files: list[str] = F([], "extra JSONL training files in TRL messages or prompt_completion format")
+    data_format: Literal["auto", "messages", "prompt_completion"] = F("auto", "format of data_files; auto detects it per file")
+    max_steps: int = F(300, "optimizer steps", gt=0)
+    batch_size: int = F(32, "conversations per micro-batch", gt=0)
+    grad_accum: int = F(1, "micro-batches per optimizer step", gt=0)
+    lr: float = F(1e-3, "peak learning rate", gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = F("cosine", "learning-rate schedule after warm-up")
+    warmup_steps: int = F(20, "linear warm-up steps", ge=0)
+    weight_decay: float = F(0.0, "AdamW weight decay", ge=0)
+    max_length: int = F(256, "truncate training conversations to this many tokens", gt=0)
+    assistant_only_loss: bool = F(True, "loss on assistant tokens only (prompt tokens get label -100)")
+    log_every: int = F(10, "steps between logged training metrics", gt=0)
+    eval_every: int = F(0, "steps between held-out loss evaluations; 0: only before and after training", ge=0)
+    eval_batch_size: int = F(64, "prompts per batched greedy generation when measuring accuracy", gt=0)
+    max_new_tokens: int = F(8, "tokens generated per answer when measuring accuracy", gt=0)
+    device: Literal["auto", "cpu", "cuda"] = F("auto", "auto picks cuda when available (bf16 there, fp32 on cpu)")
+    num_threads: int = F(0, "CPU threads for torch; 0 leaves torch's default", ge=0)
 
 
-class LoraConfig(_Section):
-    seed: int = F(0, "seed for data generation and training")
+class LoraConfig(SftConfig):
+    """The sft knobs plus the adapter's; LoRA trains few parameters, so it takes a higher learning rate."""
+
+    lr: float = F(3e-3, "peak learning rate", gt=0)
+    r: int = F(16, "LoRA rank", gt=0)
+    alpha: int = F(32, "LoRA scaling numerator (scale = alpha / r)", gt=0)
+    dropout: float = F(0.0, "dropout on the LoRA branch", ge=0, lt=1)
+    target_modules: list[str] = F(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "linear layers that get adapters"
+    )
+    qlora: bool = F(False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes; needs a CUDA GPU)")
 
 
 class RewardConfig(_Section):
-    seed: int = F(0, "seed for data generation and training")
+    seed: int = F(0, "seed for data generation, the new score head and batch order")
+    train_pairs: int = F(4000, "built-in preference pairs to train on (posttrain_data, train split)", ge=0)
+    test_pairs: int = F(400, "held-out built-in pairs for pairwise accuracy and margin (test split)", ge=1)
+    gt_prompts: int = F(400, "held-out prompts for agreement with the ground-truth rule (correct vs wrong answer)", ge=1)
+    data_files: list[str] = F([], "extra preference JSONL files (prompt/chosen/rejected as text or chat messages)")
+    epochs: float = F(1.0, "passes over the training pairs", gt=0)
+    batch_size: int = F(32, "preference pairs per optimizer step", ge=1)
+    lr: float = F(1e-4, "peak learning rate (linear warm-up, then linear decay)", gt=0)
+    warmup_ratio: float = F(0.05, "share of the steps spent warming up", ge=0, lt=1)
+    weight_decay: float = F(0.0, "AdamW weight decay")
+    center_rewards: float = F(0.01, "pull rewards toward mean zero (keeps PPO's reward scale sane); 0 disables", ge=0)
+    max_length: int = F(128, "drop pairs whose chosen or rejected conversation is longer than this (tokens)", ge=8)
+    eval_every: int = F(25, "optimizer steps between held-out accuracy evaluations", ge=1)
+    log_every: int = F(5, "optimizer steps between logged training metrics", ge=1)
+    device: Literal["auto", "cpu", "cuda"] = F("auto", "auto picks cuda when available")
+    num_threads: int = F(0, "CPU threads for torch; 0 leaves torch's default")
 
 
 class PpoConfig(_Section):
-    seed: int = F(0, "seed for data generation and training")
+    seed: int = F(0, "seed for prompts, rollouts and batch order")
+    policy: Literal["sft", "lora"] = F("sft", "model to start from: dvc.yaml passes out/<policy>/model as --policy")
+    train_prompts: int = F(2000, "built-in training prompts (posttrain_data, train split)", ge=0)
+    test_prompts: int = F(200, "held-out prompts for the before/after evaluation (test split)", ge=1)
+    data_files: list[str] = F([], "extra training prompt JSONL files (TRL prompt-only format)")
+    steps: int = F(40, "PPO updates: each samples batch_size rollouts, then trains ppo_epochs passes on them", ge=1)
+    batch_size: int = F(32, "rollouts per update", ge=2)
+    mini_batches: int = F(2, "minibatches each batch is split into per PPO epoch (must divide batch_size)", ge=1)
+    ppo_epochs: int = F(4, "optimisation passes over each batch of rollouts", ge=1)
+    response_length: int = F(8, "most new tokens per rollout (answers are short numbers)", ge=1)
+    temperature: float = F(0.7, "sampling temperature of the rollouts", gt=0)
+    lr: float = F(3e-5, "learning rate of policy and value model (linear decay)", gt=0)
+    kl_coef: float = F(0.05, "weight of the per-token KL penalty to the frozen initial policy", ge=0)
+    kl_estimator: Literal["k1", "k3"] = F("k1", "KL estimator in the penalty: k1 = log-ratio, k3 = lower variance")
+    cliprange: float = F(0.2, "PPO ratio clip range", gt=0)
+    cliprange_value: float = F(0.2, "value prediction clip range", gt=0)
+    vf_coef: float = F(0.1, "weight of the value loss", ge=0)
+    gamma: float = F(1.0, "discount factor", ge=0, le=1)
+    lam: float = F(0.95, "GAE lambda", ge=0, le=1)
+    whiten_rewards: bool = F(False, "whiten rewards per batch (needs minibatches of 8 or more)")
+    missing_end_penalty: float | None = F(1.0, "subtracted from the score of a rollout that never ends its turn; null: none", ge=0)
+    min_reward_accuracy: float | None = F(
+        None, "quality gate: refuse to start if the reward model's held-out pairwise accuracy is below this", ge=0, le=1
+    )
+    eval_temperature: float = F(0.0, "before/after evaluation: 0 = greedy, > 0 samples with the stage seed", ge=0)
+    eval_batch_size: int = F(64, "prompts per batch in the before/after evaluation", ge=1)
+    log_every: int = F(1, "PPO updates between logged metrics", ge=1)
+    device: Literal["auto", "cpu", "cuda"] = F("auto", "auto picks cuda when available")
+    num_threads: int = F(0, "CPU threads for torch; 0 leaves torch's default")
+
+    @model_validator(mode="after")
+    def _divisible(self):
+        if self.batch_size % self.mini_batches:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of mini_batches {self.mini_batches}")
+        return self
 
 
 class QuantizeConfig(_Section):

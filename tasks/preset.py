@@ -94,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--configs", default="configs")
     ap.add_argument("--check", action="store_true", help="only compare; exit 1 on a difference")
+    ap.add_argument("--sync-defaults", action="store_true",
+                    help="first rewrite configs/default.yaml from the typed defaults (after changing a knob)")
     args = ap.parse_args(argv)
+    if args.sync_defaults:
+        (Path(args.configs) / "default.yaml").write_text(render_defaults())
     try:
         text = render(args.preset, resolve(args.preset, args.configs))
     except ConfigError as err:

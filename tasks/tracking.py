@@ -20,6 +20,7 @@ from typing import Any, Iterator, Mapping, Protocol
 PARENT_ENV = "LMFORGE_PARENT_RUN_ID"
 EXPERIMENT_ENV = "LMFORGE_EXPERIMENT"
 SWITCH_ENV = "LMFORGE_TRACKING"  # "off" disables tracking
+ROOT_ENV = "LMFORGE_ROOT"  # project folder holding the default store; the flow sets it for its stages
 DEFAULT_EXPERIMENT = "lmforge"
 
 
@@ -105,25 +106,29 @@ def enabled() -> bool:
     return os.environ.get(SWITCH_ENV, "on").lower() not in {"off", "0", "false", "no"}
 
 
-def tracking_uri(root: str | Path = ".") -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+def project_root() -> Path:
+    return Path(os.environ.get(ROOT_ENV) or ".").resolve()
 
 
-def _client(root: str | Path = "."):
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def _client():
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri(root))
+    return MlflowClient(tracking_uri=tracking_uri())
 
 
-def _experiment_id(client, name: str, root: str | Path = ".") -> str:
+def _experiment_id(client, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     location = None
     if not os.environ.get("MLFLOW_TRACKING_URI"):  # local default: artifacts beside the database
-        location = (Path(root).resolve() / "mlartifacts" / name).as_uri()
+        location = (project_root() / "mlartifacts" / name).as_uri()
     return client.create_experiment(name, artifact_location=location)
 
 
@@ -139,7 +144,7 @@ def git_commit(root: str | Path = ".") -> str:
 def _run(name: str, tags: Mapping[str, str], parent: str | None, experiment: str | None) -> Iterator[MlflowTracker]:
     client = _client()
     exp_id = _experiment_id(client, experiment or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
-    all_tags = {"lmforge.git_commit": git_commit(), **tags}
+    all_tags = {"lmforge.git_commit": git_commit(project_root()), **tags}
     if parent:
         all_tags["mlflow.parentRunId"] = parent
     run = client.create_run(exp_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()})

@@ -1,0 +1,166 @@
+"""The lifecycle flow: runs the DVC stages in DAG order under Prefect, one MLflow parent run per flow run.
+
+Orchestration only: each stage runs as `dvc repro --single-item <stage>` (in-process DVC API), so
+DVC decides what changed, caches and versions; unchanged stages are reported as skipped.
+
+    python -m flows.lifecycle                          # params.yaml as it is, all stages
+    python -m flows.lifecycle --preset tiny            # write params.yaml from configs/tiny.yaml first
+    python -m flows.lifecycle --stages pretrain        # pretrain and whatever it needs that changed
+    python -m flows.lifecycle serve --cron "0 3 * * *" # serve a scheduled deployment from this process
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from tasks import tracking
+from tasks.config import STAGES, ConfigError, load_params
+from tasks.preset import apply as apply_preset
+
+# Headline figures per stage for the run summary (the report card has the rest).
+HEADLINES = {
+    "mix": ["total.docs_train", "total.chars_train"],
+    "tokenizer": ["bytes_per_token.all", "vocab_use"],
+    "pretrain": ["n_params", "initial_val_loss", "final_val_loss", "tokens_per_s"],
+}
+
+
+def _dig(data: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def plan(root: Path, targets: list[str] | None) -> list[str]:
+    """The targets and every stage they depend on, in DAG order (all stages when no targets)."""
+    if not targets:
+        return list(STAGES)
+    unknown = [t for t in targets if t not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {', '.join(unknown)} (stages: {', '.join(STAGES)})")
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        by_name = {getattr(s, "name", None): s for s in graph.nodes}
+        needed = set(targets)
+        for name in targets:
+            needed |= {getattr(s, "name", None) for s in nx.descendants(graph, by_name[name])}
+    return [s for s in STAGES if s in needed]
+
+
+def lock_hash(root: Path, stage: str) -> str:
+    """A digest of the stage's dvc.lock entry (its deps, params and outs hashes)."""
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        return ""
+    from ruamel.yaml import YAML
+
+    entry = (YAML(typ="safe", pure=True).load(lock.read_text()) or {}).get("stages", {}).get(stage)
+    return hashlib.md5(json.dumps(entry, sort_keys=True).encode()).hexdigest() if entry else ""
+
+
+@task(name="dvc-repro", retries=1, retry_delay_seconds=5, task_run_name="{stage}")
+def repro(root: str, stage: str) -> dict:
+    """Reproduce one stage if DVC sees a change; report whether it ran."""
+    from dvc.repo import Repo
+
+    logger = get_run_logger()
+    start = time.perf_counter()
+    with Repo(root) as repo:
+        ran = bool(repo.reproduce(stage, single_item=True))
+    seconds = round(time.perf_counter() - start, 2)
+    logger.info("%s: %s in %.1fs", stage, "ran" if ran else "skipped (unchanged)", seconds)
+    return {"stage": stage, "ran": ran, "seconds": seconds}
+
+
+def summary(root: Path, results: list[dict], preset: str | None, run_id: str | None) -> str:
+    lines = [
+        "# lmforge lifecycle run",
+        "",
+        f"preset: `{preset or 'params.yaml as is'}`; MLflow run: `{run_id or 'tracking off'}`",
+        "",
+        "| stage | status | seconds | headline metrics |",
+        "| --- | --- | ---: | --- |",
+    ]
+    for r in results:
+        metrics_file = root / "out" / r["stage"] / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+        heads = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k in HEADLINES.get(r["stage"], [])
+            if (v := _dig(metrics, k)) is not None
+        )
+        lines.append(f"| {r['stage']} | {'ran' if r['ran'] else 'skipped'} | {r['seconds']:.1f} | {heads} |")
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="lifecycle", log_prints=True)
+def lifecycle(preset: str | None = None, stages: list[str] | None = None, experiment: str = "lmforge",
+              root: str = ".") -> list[dict]:
+    """Run the lifecycle's stages (or a subset and what it needs) through DVC, tracked in MLflow."""
+    logger = get_run_logger()
+    path = Path(root).resolve()
+    if preset:
+        apply_preset(preset, path / "params.yaml", path / "configs")
+        logger.info("applied preset %s to params.yaml", preset)
+    load_params(path / "params.yaml")  # every section valid before any stage starts
+    order = plan(path, stages)
+    # Stage commands say `python`: make it this interpreter, whatever PATH the scheduler gave us.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    os.environ[tracking.ROOT_ENV] = str(path)  # the flow and its stages share one MLflow store
+    results: list[dict] = []
+    with tracking.flow_run("lifecycle", experiment, {"preset": preset or "", "stages": ",".join(order)}) as parent:
+        for stage in order:
+            result = repro(str(path), stage)
+            results.append(result)
+            parent.log_metrics({f"{stage}.seconds": result["seconds"], f"{stage}.ran": float(result["ran"])})
+            if result["ran"]:
+                tracking.tag_child(parent.run_id, stage, {"dvc.lock_md5": lock_hash(path, stage)})
+        text = summary(path, results, preset, parent.run_id)
+        (path / "out").mkdir(exist_ok=True)
+        (path / "out" / "summary.md").write_text(text)
+        parent.log_artifact(path / "out" / "summary.md")
+    create_markdown_artifact(text, key="lifecycle-summary", description="stages run and skipped")
+    ran = [r["stage"] for r in results if r["ran"]]
+    logger.info("ran: %s; skipped: %s", ", ".join(ran) or "none",
+                ", ".join(r["stage"] for r in results if not r["ran"]) or "none")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flows.lifecycle", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", nargs="?", default="run", choices=["run", "serve"])
+    ap.add_argument("--preset", help="apply configs/<preset>.yaml to params.yaml first")
+    ap.add_argument("--stages", nargs="*", help="stages to bring up to date (default: all)")
+    ap.add_argument("--experiment", default="lmforge", help="MLflow experiment name")
+    ap.add_argument("--root", default=".", help="project folder (holds dvc.yaml)")
+    ap.add_argument("--cron", default="0 3 * * *", help="serve: schedule (cron, UTC)")
+    args = ap.parse_args(argv)
+    params = {"preset": args.preset, "stages": args.stages, "experiment": args.experiment, "root": args.root}
+    if args.command == "serve":
+        lifecycle.serve(name="lifecycle-scheduled", cron=args.cron, parameters=params)
+        return 0
+    try:
+        lifecycle(**params)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

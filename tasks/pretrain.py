@@ -1,0 +1,331 @@
+"""pretrain: a Llama-style decoder from random init, causal-LM objective on packed sequences.
+
+Tokenises the corpus once into flat arrays (tokenisation stays off the hot path), then trains with
+AdamW, linear warm-up and cosine decay, gradient clipping and accumulation, bf16 autocast on CUDA.
+Evaluates held-out loss per source, checkpoints periodically and resumes from the last checkpoint
+when it was written by the same config and data. Output loads with `AutoModelForCausalLM`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tasks.config import PretrainConfig
+from tasks.corpus import iter_texts, source_names
+from tasks.stage import InputError, cli, write_meta
+from tasks.tracking import Tracker
+
+
+# ---------------------------------------------------------------------------------------------- data
+def tokenize_split(tokenizer, corpus: Path, split: str, source: str | None = None) -> np.ndarray:
+    """All documents of a split as one flat token array, each document followed by eos."""
+    ids: list[np.ndarray] = []
+    batch: list[str] = []
+
+    def flush():
+        for row in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            ids.append(np.asarray(row + [tokenizer.eos_token_id], dtype=np.int32))
+        batch.clear()
+
+    for text in iter_texts(corpus, split, source):
+        batch.append(text)
+        if len(batch) == 512:
+            flush()
+    if batch:
+        flush()
+    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
+
+
+def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int) -> torch.Tensor:
+    """Non-overlapping windows from the start of held-out tokens: the same ones every evaluation."""
+    n = min(max_windows, (len(tokens) - 1) // seq_len)
+    if n == 0:  # a source with little held-out text still gets one (shorter) window
+        return torch.from_numpy(tokens[None, :].astype(np.int64))
+    return torch.from_numpy(tokens[: n * seq_len + 1].astype(np.int64)).unfold(0, seq_len + 1, seq_len)[:n]
+
+
+# --------------------------------------------------------------------------------------------- model
+def build_model(cfg: PretrainConfig, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if cfg.hidden_size % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads:
+        raise InputError(
+            f"pretrain.hidden_size ({cfg.hidden_size}) must divide by num_heads ({cfg.num_heads}), "
+            f"and num_heads by num_kv_heads ({cfg.num_kv_heads})"
+        )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.seq_len,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(cfg.seed)
+    return LlamaForCausalLM(config)
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Decay matrices only; norms and biases keep their scale."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Linear warm-up to lr, then cosine decay to lr * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def resolve_device(cfg: PretrainConfig) -> tuple[torch.device, torch.dtype | None]:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("pretrain.device is 'cuda' but no CUDA device is available")
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda"):
+        return device, torch.bfloat16
+    return device, None  # fp32
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """6N for the matmuls (embedding lookup excluded, tied head included) plus attention's 12*L*d*T."""
+    cfg = model.config
+    n = sum(p.numel() for p in model.parameters()) - (0 if cfg.tie_word_embeddings else model.get_input_embeddings().weight.numel())
+    return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+# ------------------------------------------------------------------------------------------ training
+@torch.no_grad()
+def evaluate(model, windows: dict[str, torch.Tensor], batch_size: int, device, autocast) -> dict[str, float]:
+    """Mean held-out loss per source and overall (token-weighted)."""
+    model.eval()
+    out, total, count = {}, 0.0, 0
+    for source, data in windows.items():
+        loss_sum, tokens = 0.0, 0
+        for i in range(0, len(data), batch_size):
+            batch = data[i : i + batch_size].to(device)
+            with autocast():
+                logits = model(input_ids=batch[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum"
+            )
+            loss_sum += loss.item()
+            tokens += batch[:, 1:].numel()
+        out[source] = loss_sum / tokens
+        total, count = total + loss_sum, count + tokens
+    out["all"] = total / count
+    model.train()
+    return out
+
+
+def fingerprint(cfg: PretrainConfig, train_tokens: np.ndarray) -> str:
+    """Identifies a training run: a checkpoint is resumed only by the run that wrote it."""
+    h = hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode())
+    h.update(train_tokens[:100_000].tobytes())
+    h.update(str(len(train_tokens)).encode())
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(path: Path, step: int, model, optimizer, rng: torch.Generator, fp: str, history: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "last.pt.tmp"
+    torch.save(
+        {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+         "rng": rng.get_state(), "fingerprint": fp, "history": history},
+        tmp,
+    )
+    tmp.replace(path / "last.pt")
+
+
+def load_checkpoint(path: Path, fp: str) -> dict | None:
+    file = path / "last.pt"
+    if not file.exists():
+        return None
+    state = torch.load(file, map_location="cpu", weights_only=False)
+    if state.get("fingerprint") != fp:
+        print(f"pretrain: ignoring {file}: written by a different config or corpus", file=sys.stderr)
+        return None
+    return state
+
+
+def write_curves(folder: Path, history: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in history.items():
+        if not rows:
+            continue
+        with (folder / f"{name}.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, device) -> str:
+    model.eval()
+    blocks = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+        with torch.no_grad():
+            gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        blocks.append(f"### {prompt!r}\n{tokenizer.decode(gen[0], skip_special_tokens=False)}\n")
+    model.train()
+    return "\n".join(blocks)
+
+
+def run(cfg: PretrainConfig, *, corpus: Path, tokenizer: Path, out: Path, tracker: Tracker,
+        checkpoints: Path | None = None) -> dict:
+    """Pretrain a Llama-style model on the mixed corpus."""
+    from contextlib import nullcontext
+
+    from transformers import AutoTokenizer
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    device, amp_dtype = resolve_device(cfg)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+
+    # Data: tokenise once; training samples random windows, evaluation fixed ones.
+    train = tokenize_split(tok, corpus, "train")
+    if len(train) < cfg.seq_len + 1:
+        raise InputError(f"training split of {corpus} has {len(train)} tokens, fewer than pretrain.seq_len + 1")
+    val = {s: tokenize_split(tok, corpus, "val", s) for s in source_names(corpus, "val")}
+    val_windows = {s: eval_windows(t, cfg.seq_len, cfg.eval_batches * cfg.batch_size) for s, t in val.items() if len(t) > 1}
+    if not val_windows:
+        raise InputError(f"{corpus} has no held-out text to evaluate on")
+
+    model = build_model(cfg, tok).to(device)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+        fused=device.type == "cuda",
+    )
+    rng = torch.Generator().manual_seed(cfg.seed)
+    fp = fingerprint(cfg, train)
+    history: dict[str, list] = {"train": [], "val": []}
+    start_step = 0
+    state = load_checkpoint(checkpoints, fp) if checkpoints else None
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.set_state(state["rng"])
+        start_step, history = state["step"], state["history"]
+        print(f"pretrain: resumed from {checkpoints / 'last.pt'} at step {start_step}", file=sys.stderr)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    fpt = flops_per_token(model, cfg.seq_len)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    train_t = torch.from_numpy(train.astype(np.int64))
+    tracker.log_params({"n_params": n_params, "train_tokens": len(train), "device": device.type})
+
+    def log_eval(step: int) -> dict:
+        losses = evaluate(model, val_windows, cfg.batch_size, device, autocast)
+        row = {"step": step, "val_loss": round(losses["all"], 4), **{f"val_loss_{s}": round(v, 4) for s, v in losses.items() if s != "all"}}
+        history["val"].append(row)
+        tracker.log_metrics({**{k: v for k, v in row.items() if k != "step"}, "val_ppl": math.exp(losses["all"])}, step=step)
+        return row
+
+    if start_step == 0:
+        log_eval(0)
+    model.train()
+    bar = tqdm(range(start_step, cfg.max_steps), desc="pretrain", unit="step", initial=start_step, total=cfg.max_steps,
+               dynamic_ncols=True, mininterval=1.0)
+    t_last, tokens_since, train_time = time.perf_counter(), 0, 0.0
+    for step in bar:
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_acc = 0.0
+        for _ in range(cfg.grad_accum):
+            starts = torch.randint(0, len(train_t) - cfg.seq_len - 1, (cfg.batch_size,), generator=rng)
+            batch = torch.stack([train_t[s : s + cfg.seq_len + 1] for s in starts.tolist()]).to(device, non_blocking=True)
+            with autocast():
+                logits = model(input_ids=batch[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+            (loss / cfg.grad_accum).backward()
+            loss_acc += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_since += tokens_per_step
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            loss_val = (loss_acc / cfg.grad_accum).item()  # the only sync with the device per log interval
+            now = time.perf_counter()
+            elapsed, t_last = now - t_last, now
+            train_time += elapsed
+            tps = tokens_since / elapsed
+            tokens_since = 0
+            row = {"step": done, "train_loss": round(loss_val, 4), "lr": lr, "grad_norm": round(float(grad_norm), 4),
+                   "tokens_per_s": round(tps, 1), "flops_per_s": round(tps * fpt, 1)}
+            history["train"].append(row)
+            tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=done)
+            bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}")
+        if done % cfg.eval_every == 0 or done == cfg.max_steps:
+            log_eval(done)
+            t_last = time.perf_counter()  # evaluation time is not training throughput
+        if checkpoints and (done % cfg.checkpoint_every == 0) and done < cfg.max_steps:
+            save_checkpoint(checkpoints, done, model, optimizer, rng, fp, history)
+            t_last = time.perf_counter()
+    bar.close()
+
+    # Outputs: the model with its tokenizer, curves, samples.
+    model_dir = out / "model"
+    model.config.use_cache = True
+    model.save_pretrained(model_dir)
+    tok.model_max_length = cfg.seq_len
+    tok.save_pretrained(model_dir)
+    samples = generate_samples(model, tok, cfg.sample_prompts, cfg.sample_tokens, device)
+    (model_dir / "samples.txt").write_text(samples)
+    write_curves(out / "curves", history)
+    if checkpoints and (checkpoints / "last.pt").exists():
+        (checkpoints / "last.pt").unlink()  # finished: a later run starts fresh (or from its own checkpoints)
+    tracker.log_artifact(model_dir / "samples.txt")
+    tracker.log_artifact(out / "curves", "curves")
+
+    first, last = history["val"][0], history["val"][-1]
+    train_rows = [r for r in history["train"] if r["step"] > start_step] or history["train"]
+    mean_tps = float(np.mean([r["tokens_per_s"] for r in train_rows])) if train_rows else 0.0
+    metrics = {
+        "n_params": n_params,
+        "train_tokens_available": int(len(train)),
+        "tokens_seen": cfg.max_steps * tokens_per_step,
+        "initial_val_loss": first["val_loss"],
+        "final_val_loss": last["val_loss"],
+        "final_val_ppl": round(math.exp(last["val_loss"]), 3),
+        "final_train_loss": history["train"][-1]["train_loss"] if history["train"] else None,
+        "val_loss_by_source": {k.removeprefix("val_loss_"): v for k, v in last.items() if k.startswith("val_loss_")},
+        "tokens_per_s": round(mean_tps, 1),
+        "flops_per_s": round(mean_tps * fpt, 1),
+        "train_time_s": round(train_time, 2),
+        "device": device.type,
+        "dtype": "bf16" if amp_dtype else "fp32",
+        "resumed_from_step": start_step,
+    }
+    write_meta(model_dir, "pretrain", cfg, metrics, {"corpus": corpus, "tokenizer": tokenizer})
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli("pretrain", run, inputs=("corpus", "tokenizer"), argv=argv,
+               options={"checkpoints": {"type": Path, "default": None, "help": "folder for resumable checkpoints"}})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Integration: the real flow on the tiny preset in a temp project with real git, DVC, Prefect and MLflow."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.config import STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+
+def _copy_project(dest: Path) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("tasks", "flows", "configs"):
+        shutil.copytree(ROOT / folder, dest / folder, ignore=ignore)
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, dest / name)
+
+
+def _sh(cwd: Path, *cmd: str) -> str:
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}"
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("project")
+    _copy_project(root)
+    _sh(root, "git", "init", "-q")
+    _sh(root, "git", "config", "user.email", "ci@lmforge.invalid")
+    _sh(root, "git", "config", "user.name", "ci")
+    _sh(root, sys.executable, "-m", "dvc", "init", "-q")
+    _sh(root, "git", "add", "-A")
+    _sh(root, "git", "commit", "-qm", "project")
+    return root
+
+
+@pytest.fixture(scope="module")
+def prefect():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
+
+
+@pytest.fixture()
+def tracked(monkeypatch, project):
+    monkeypatch.setenv("LMFORGE_TRACKING", "on")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("LMFORGE_ROOT", str(project))  # restored after the test; the flow sets it too
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent) + ":" + __import__("os").environ["PATH"])
+
+
+def _statuses(results):
+    return {r["stage"]: r["ran"] for r in results}
+
+
+@pytest.fixture(scope="module")
+def first_run(project, prefect):
+    import os
+
+    saved = dict(os.environ)
+    os.environ.update({"LMFORGE_TRACKING": "on", "LMFORGE_ROOT": str(project)})
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        from flows.lifecycle import lifecycle
+
+        results = lifecycle(preset="tiny", root=str(project), experiment="it")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return results
+
+
+def test_first_run_runs_every_stage_and_outputs_load(project, first_run):
+    assert all(_statuses(first_run).values()), first_run
+    assert [r["stage"] for r in first_run] == [s for s in STAGES if (project / "out" / s / "metrics.json").exists()]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(project / "out/tokenizer/tokenizer")
+    assert tok.decode(tok("1 + 2 = 3").input_ids) == "1 + 2 = 3"
+    model = AutoModelForCausalLM.from_pretrained(project / "out/pretrain/model")
+    ids = tok("def ", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=5, do_sample=False).shape[1] == ids.shape[1] + 5
+
+    metrics = json.loads((project / "out/pretrain/metrics.json").read_text())
+    assert metrics["final_val_loss"] < metrics["initial_val_loss"] - 0.5
+    meta = json.loads((project / "out/pretrain/model/lmforge.json").read_text())
+    assert meta["config"]["max_steps"] == metrics_cfg(project)["pretrain"]["max_steps"]
+    assert (project / "out/summary.md").read_text().count("| ran |") == len(first_run)
+
+
+def metrics_cfg(project):
+    from tasks.config import load_params
+
+    return {k: v.model_dump() for k, v in load_params(project / "params.yaml").items()}
+
+
+def test_mlflow_has_parent_and_nested_stage_runs(project, first_run, tracked):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("it")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.info.run_name == "lifecycle"]
+    assert len(parents) == 1
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert set(children) == {r["stage"] for r in first_run}
+    pre = children["pretrain"]
+    assert pre.info.status == "FINISHED"
+    assert pre.data.params["lr"] == str(metrics_cfg(project)["pretrain"]["lr"])
+    assert pre.data.metrics["final_val_loss"] < pre.data.metrics["initial_val_loss"]
+    assert len(client.get_metric_history(pre.info.run_id, "train_loss")) >= 3  # a curve, not a point
+    assert re.fullmatch(r"[0-9a-f]{32}", pre.data.tags["dvc.lock_md5"])
+    assert pre.data.tags["lmforge.git_commit"]
+
+
+def test_second_run_skips_everything(project, first_run, tracked):
+    from flows.lifecycle import lifecycle
+
+    results = lifecycle(root=str(project), experiment="it")
+    assert not any(_statuses(results).values()), results
+
+
+def test_changed_pretrain_param_reruns_pretrain_and_downstream_only(project, first_run, tracked):
+    from flows.lifecycle import lifecycle
+
+    params = project / "params.yaml"
+    text = params.read_text()
+    section = text.index("\npretrain:")
+    new = text[:section] + text[section:].replace("  lr: 0.003", "  lr: 0.002", 1)
+    assert new != text
+    params.write_text(new)
+    status = _statuses(lifecycle(root=str(project), experiment="it"))
+    order = list(status)
+    assert not status["mix"] and not status["tokenizer"]
+    assert status["pretrain"]
+    # Everything downstream of pretrain depends on it, so it re-runs too.
+    assert all(status[s] for s in order[order.index("pretrain"):])
