@@ -68,3 +68,39 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def write_corpus(root: Path, n_docs: int = 300) -> Path:
+    """A small corpus in the mix stage's format (tasks/corpus.py): two sources, train and val."""
+    import json
+
+    rng = random.Random(1)
+    prose = "The interpreter reads the file, compiles it to bytecode and runs it. Names are bound in scopes."
+    docs = {
+        "prose": [f"{prose} Section {i}. " * 3 for i in range(n_docs)],
+        "arithmetic": [
+            "\n".join(f"{a} + {b} = {a + b}" for a, b in ((rng.randint(0, 99), rng.randint(0, 99)) for _ in range(12)))
+            for _ in range(n_docs)
+        ],
+    }
+    for split in ("train", "val"):
+        (root / split).mkdir(parents=True, exist_ok=True)
+    for source, items in docs.items():
+        cut = n_docs // 10
+        with open(root / "val" / f"{source}.jsonl", "w") as fh:
+            fh.writelines(json.dumps({"text": t, "source": source}) + "\n" for t in items[:cut])
+        with open(root / "train" / f"{source}-00000.jsonl", "w") as fh:
+            fh.writelines(json.dumps({"text": t, "source": source}) + "\n" for t in items[cut:])
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    path = tmp_path_factory.mktemp("tok") / "tokenizer"
+    tiny_tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,73 @@
+"""pretrain on a tiny model and corpus: loss falls, outputs load, checkpoints resume only their own run."""
+
+import json
+
+import pytest
+import torch
+
+from tasks import pretrain
+from tasks.config import PretrainConfig, parse_section
+from tasks.stage import InputError, execute
+from tasks.tracking import NullTracker
+
+TINY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, seq_len=32,
+            batch_size=8, max_steps=40, lr=3e-3, warmup_steps=4, eval_every=20, eval_batches=2, log_every=5,
+            checkpoint_every=20, sample_tokens=4, sample_prompts=["1 + 2 ="])
+
+
+def cfg(**over):
+    return parse_section("pretrain", {**TINY, **over})
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor():
+    c = PretrainConfig(lr=1.0, warmup_steps=10, max_steps=100, min_lr_ratio=0.1)
+    lrs = [pretrain.lr_at(s, c) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert pretrain.lr_at(100, c) == pytest.approx(0.1)
+
+
+def test_loss_falls_and_model_loads(tmp_path, tiny_corpus, tiny_tokenizer_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = tmp_path / "ckpt"
+    m = execute("pretrain", pretrain.run, cfg(), tmp_path / "out", {"corpus": tiny_corpus, "tokenizer": tiny_tokenizer_dir},
+                extra={"checkpoints": ckpt}, tracker=NullTracker())
+    assert m["final_val_loss"] < m["initial_val_loss"] - 1.0
+    assert set(m["val_loss_by_source"]) == {"prose", "arithmetic"}
+    assert m["tokens_per_s"] > 0 and m["flops_per_s"] > m["tokens_per_s"]
+    model_dir = tmp_path / "out/model"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert tok.chat_template and model.config.num_hidden_layers == 2
+    assert "1 + 2 =" in (model_dir / "samples.txt").read_text()
+    assert json.loads((model_dir / "lmforge.json").read_text())["metrics"]["final_val_loss"] == m["final_val_loss"]
+    rows = (tmp_path / "out/curves/train.csv").read_text().splitlines()
+    assert rows[0].startswith("step,train_loss,lr,grad_norm") and len(rows) == 1 + 40 // 5
+    assert not (ckpt / "last.pt").exists()  # finished runs leave no stale checkpoint to resume
+
+
+def test_resume_continues_the_same_run_only(tmp_path, tiny_corpus, tiny_tokenizer_dir):
+    c = cfg(max_steps=20)
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    train = pretrain.tokenize_split(tok, tiny_corpus, "train")
+    model = pretrain.build_model(c, tok)
+    opt = torch.optim.AdamW(pretrain.param_groups(model, c.weight_decay))
+    rng = torch.Generator().manual_seed(0)
+    history = {"train": [], "val": [{"step": 0, "val_loss": 9.0}]}
+    pretrain.save_checkpoint(tmp_path / "ckpt", 10, model, opt, rng, pretrain.fingerprint(c, train), history)
+    m = pretrain.run(c, corpus=tiny_corpus, tokenizer=tiny_tokenizer_dir, out=tmp_path / "o1", tracker=NullTracker(),
+                     checkpoints=tmp_path / "ckpt")
+    assert m["resumed_from_step"] == 10 and m["initial_val_loss"] == 9.0
+    # a checkpoint from another config is ignored, not resumed
+    pretrain.save_checkpoint(tmp_path / "ckpt", 10, model, opt, rng, "someone-else", history)
+    m = pretrain.run(c, corpus=tiny_corpus, tokenizer=tiny_tokenizer_dir, out=tmp_path / "o2", tracker=NullTracker(),
+                     checkpoints=tmp_path / "ckpt")
+    assert m["resumed_from_step"] == 0
+
+
+def test_bad_shape_is_a_clear_error(tmp_path, tiny_corpus, tiny_tokenizer_dir):
+    with pytest.raises(InputError, match="hidden_size .* num_heads"):
+        execute("pretrain", pretrain.run, cfg(hidden_size=30, num_heads=4), tmp_path / "out",
+                {"corpus": tiny_corpus, "tokenizer": tiny_tokenizer_dir}, tracker=NullTracker())
+    assert not (tmp_path / "out").exists()
