@@ -253,7 +253,6 @@ class PpoConfig(_Section):
     )
     eval_temperature: float = F(0.0, "before/after evaluation: 0 = greedy, > 0 samples with the stage seed", ge=0)
     eval_batch_size: int = F(64, "prompts per batch in the before/after evaluation", ge=1)
-    log_every: int = F(1, "PPO updates between logged metrics", ge=1)
     device: Literal["auto", "cpu", "cuda"] = F("auto", "auto picks cuda when available")
     num_threads: int = F(0, "CPU threads for torch; 0 leaves torch's default")
 

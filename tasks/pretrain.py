@@ -172,7 +172,8 @@ def write_curves(folder: Path, history: dict) -> None:
         if not rows:
             continue
         with (folder / f"{name}.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            fields = list(dict.fromkeys(k for row in rows for k in row))  # union, in first-seen order
+            writer = csv.DictWriter(fh, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
 
