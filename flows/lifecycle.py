@@ -22,6 +22,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows import report
 from tasks import tracking
 from tasks.config import STAGES, ConfigError, load_params
 from tasks.preset import apply as apply_preset
@@ -132,8 +133,11 @@ def lifecycle(preset: str | None = None, stages: list[str] | None = None, experi
         text = summary(path, results, preset, parent.run_id)
         (path / "out").mkdir(exist_ok=True)
         (path / "out" / "summary.md").write_text(text)
+        card = report.write(path, results)
         parent.log_artifact(path / "out" / "summary.md")
-    create_markdown_artifact(text, key="lifecycle-summary", description="stages run and skipped")
+        parent.log_artifact(card.parent, "report")
+    create_markdown_artifact(text + "\n" + card.read_text(), key="lifecycle-report",
+                             description="stages run and skipped, and the report card (plots are in out/report/)")
     ran = [r["stage"] for r in results if r["ran"]]
     logger.info("ran: %s; skipped: %s", ", ".join(ran) or "none",
                 ", ".join(r["stage"] for r in results if not r["ran"]) or "none")

@@ -1,0 +1,159 @@
+"""The report card: one markdown page with PNG plots, written from the stages' metrics and curves.
+
+Reads only what the stages wrote under `out/` (metrics.json, CSV curves); a stage that has not run
+yet is left out. `python -m flows.report` rewrites `out/report/` by hand; the flow does it each run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tasks.config import STAGES  # noqa: E402
+
+
+def _metrics(out: Path, stage: str) -> dict | None:
+    path = out / stage / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _csv(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as fh:
+        return [{k: _num(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def _num(value: str):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "–" if value is None else str(value)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+class Report:
+    def __init__(self, out: Path):
+        self.out = out
+        self.folder = out / "report"
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def plot(self, name: str, draw: Callable[[plt.Axes], None], title: str) -> str:
+        fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+        draw(ax)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(self.folder / f"{name}.png")
+        plt.close(fig)
+        return f"![{title}]({name}.png)\n"
+
+
+# ------------------------------------------------------------------------------------------ sections
+def section_walltime(r: Report, runs: list[dict] | None) -> str | None:
+    times = {s: m["wall_time_s"] for s in STAGES if (m := _metrics(r.out, s)) and "wall_time_s" in m}
+    if not times:
+        return None
+    status = {x["stage"]: x for x in runs or []}
+    rows = [[s, t, "ran" if status.get(s, {}).get("ran") else ("skipped" if s in status else "–")] for s, t in times.items()]
+    text = "## Wall time per stage\n\nSeconds of the stage's last real run (a skipped stage shows its cached run).\n\n"
+    text += _table(["stage", "seconds", "this run"], rows)
+    text += r.plot("walltime", lambda ax: (ax.barh(list(times)[::-1], list(times.values())[::-1]), ax.set_xlabel("seconds")),
+                   "Wall time per stage")
+    return text
+
+
+def section_mix(r: Report) -> str | None:
+    m = _metrics(r.out, "mix")
+    if not m or "sources" not in m:
+        return None
+    rows = [[name, s.get("docs_in"), s.get("exact_dups"), s.get("near_dups"), s.get("docs_train"), s.get("chars_train"),
+             s.get("proportion")] for name, s in m["sources"].items()]
+    text = "## Data mixture\n\n" + _table(["source", "docs in", "exact dups", "near dups", "docs train", "chars train",
+                                            "share"], rows)
+    mix = _csv(r.out / "mix" / "mixture.csv")
+    if mix:
+        def draw(ax):
+            names = [row["source"] for row in mix]
+            ax.barh(names, [row["proportion"] for row in mix], label="actual")
+            if "target_share" in mix[0]:
+                ax.scatter([row["target_share"] for row in mix], names, color="black", marker="|", s=300, label="target")
+            ax.set_xlabel("share of training characters")
+            ax.legend()
+        text += r.plot("mixture", draw, "Mixture: actual vs target share")
+    return text
+
+
+def section_tokenizer(r: Report) -> str | None:
+    m = _metrics(r.out, "tokenizer")
+    if not m:
+        return None
+    bpt = m.get("bytes_per_token", {})
+    rows = [[k, v] for k, v in bpt.items()] if isinstance(bpt, dict) else [["all", bpt]]
+    text = "## Tokenizer\n\n" + _table(["held-out source", "bytes per token"], rows)
+    extra = {k: v for k, v in m.items() if not isinstance(v, (dict, list))}
+    text += "\n" + _table(["figure", "value"], [[k, v] for k, v in extra.items()])
+    return text
+
+
+def section_pretrain(r: Report) -> str | None:
+    m = _metrics(r.out, "pretrain")
+    if not m:
+        return None
+    train, val = _csv(r.out / "pretrain/curves/train.csv"), _csv(r.out / "pretrain/curves/val.csv")
+    text = "## Pretraining\n\n" + _table(
+        ["params", "tokens seen", "initial val loss", "final val loss", "final val ppl", "tokens/s", "FLOP/s", "device"],
+        [[m.get("n_params"), m.get("tokens_seen"), m.get("initial_val_loss"), m.get("final_val_loss"),
+          m.get("final_val_ppl"), m.get("tokens_per_s"), m.get("flops_per_s"), f"{m.get('device')} {m.get('dtype')}"]],
+    )
+    if train or val:
+        def draw(ax):
+            if train:
+                ax.plot([x["step"] for x in train], [x["train_loss"] for x in train], label="train", alpha=0.7)
+            for key in (val[0] if val else {}):
+                if key.startswith("val_loss"):
+                    ax.plot([x["step"] for x in val], [x[key] for x in val], marker="o", label=key.replace("val_loss_", "val ").replace("val_loss", "val (all)"))
+            ax.set_xlabel("step")
+            ax.set_ylabel("loss (nats/token)")
+            ax.legend(fontsize=8)
+        text += r.plot("pretrain_loss", draw, "Pretraining loss")
+    return text
+
+
+SECTIONS = [section_mix, section_tokenizer, section_pretrain]
+
+
+def write(root: str | Path = ".", runs: list[dict] | None = None, title: str = "lmforge report card") -> Path:
+    """Write out/report/report.md (+ PNGs) and return its path."""
+    r = Report(Path(root) / "out")
+    parts = [f"# {title}\n"]
+    for section in [lambda rep: section_walltime(rep, runs), *SECTIONS]:
+        text = section(r)
+        if text:
+            parts.append(text)
+    path = r.folder / "report.md"
+    path.write_text("\n".join(parts))
+    return path
+
+
+if __name__ == "__main__":
+    print(write(sys.argv[1] if len(sys.argv) > 1 else "."))
