@@ -26,7 +26,7 @@ def source_names(corpus: str | Path, split: str = "val") -> list[str]:
     folder = Path(corpus) / split
     if not folder.is_dir():
         raise InputError(f"{corpus} is not a corpus: no {split}/ folder (run the mix stage)")
-    return sorted({p.stem.rsplit("-", 1)[0] if split == "train" else p.stem for p in folder.glob("*.jsonl")})
+    return sorted({_source_of(p, split) for p in folder.glob("*.jsonl")})
 
 
 def iter_docs(corpus: str | Path, split: str, source: str | None = None) -> Iterator[dict]:
@@ -34,12 +34,24 @@ def iter_docs(corpus: str | Path, split: str, source: str | None = None) -> Iter
     folder = Path(corpus) / split
     if not folder.is_dir():
         raise InputError(f"{corpus} is not a corpus: no {split}/ folder (run the mix stage)")
-    pattern = "*.jsonl" if source is None else (f"{source}-*.jsonl" if split == "train" else f"{source}.jsonl")
-    for path in sorted(folder.glob(pattern)):
+    for path in sorted(folder.glob("*.jsonl")):
+        if source is not None and _source_of(path, split) != source:
+            continue
         with path.open() as fh:
-            for line in fh:
-                if line.strip():
-                    yield json.loads(line)
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    doc = json.loads(line)
+                    doc["text"]
+                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                    raise InputError(f"{path}:{lineno}: not a corpus document ({err!r})") from None
+                yield doc
+
+
+def _source_of(path: Path, split: str) -> str:
+    """`<source>-00000.jsonl` in train, `<source>.jsonl` in val (source names may contain '-')."""
+    return path.stem.rsplit("-", 1)[0] if split == "train" else path.stem
 
 
 def iter_texts(corpus: str | Path, split: str, source: str | None = None) -> Iterator[str]:
