@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from contextlib import chdir
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -44,22 +45,25 @@ def _dig(data: dict, dotted: str):
 
 
 def plan(root: Path, targets: list[str] | None) -> list[str]:
-    """The targets and every stage they depend on, in DAG order (all stages when no targets)."""
-    if not targets:
-        return list(STAGES)
-    unknown = [t for t in targets if t not in STAGES]
-    if unknown:
-        raise ConfigError(f"unknown stage(s) {', '.join(unknown)} (stages: {', '.join(STAGES)})")
+    """The targets and every stage they depend on, in DAG order (every stage in dvc.yaml when no targets)."""
     import networkx as nx
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
+    with chdir(root), Repo(".") as repo:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
         by_name = {getattr(s, "name", None): s for s in graph.nodes}
-        needed = set(targets)
-        for name in targets:
+        unknown = [t for t in targets or [] if t not in by_name]
+        if unknown:
+            raise ConfigError(f"unknown stage(s) {', '.join(unknown)} (dvc.yaml has: {', '.join(n for n in by_name if n)})")
+        needed = set(targets or by_name)
+        for name in targets or []:
             needed |= {getattr(s, "name", None) for s in nx.descendants(graph, by_name[name])}
-    return [s for s in STAGES if s in needed]
+        ordered = [by_name[n] for n in needed if n]
+        # a topological order of the needed stages, ties broken by the canonical lifecycle order
+        rank = {name: i for i, name in enumerate(STAGES)}
+        sub = graph.subgraph(ordered).reverse()
+        order = list(nx.lexicographical_topological_sort(sub, key=lambda st: rank.get(st.name, len(rank))))
+    return [st.name for st in order]
 
 
 def lock_hash(root: Path, stage: str) -> str:
@@ -73,14 +77,24 @@ def lock_hash(root: Path, stage: str) -> str:
     return hashlib.md5(json.dumps(entry, sort_keys=True).encode()).hexdigest() if entry else ""
 
 
-@task(name="dvc-repro", retries=1, retry_delay_seconds=5, task_run_name="{stage}")
+def worth_retrying(task, task_run, state) -> bool:
+    """Retry a failed stage (a flaky disk, a killed worker), but not one that exited 2: bad input stays bad."""
+    exc = state.result(raise_on_failure=False)
+    while isinstance(exc, BaseException):
+        if "exited with 2" in str(exc):
+            return False
+        exc = exc.__cause__
+    return True
+
+
+@task(name="dvc-repro", retries=1, retry_delay_seconds=5, retry_condition_fn=worth_retrying, task_run_name="{stage}")
 def repro(root: str, stage: str) -> dict:
     """Reproduce one stage if DVC sees a change; report whether it ran."""
     from dvc.repo import Repo
 
     logger = get_run_logger()
     start = time.perf_counter()
-    with Repo(root) as repo:
+    with chdir(root), Repo(".") as repo:  # DVC resolves stage names and paths from the working directory
         ran = bool(repo.reproduce(stage, single_item=True))
     seconds = round(time.perf_counter() - start, 2)
     logger.info("%s: %s in %.1fs", stage, "ran" if ran else "skipped (unchanged)", seconds)

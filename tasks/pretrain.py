@@ -233,7 +233,8 @@ def run(cfg: PretrainConfig, *, corpus: Path, tokenizer: Path, out: Path, tracke
     fpt = flops_per_token(model, cfg.seq_len)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     train_t = torch.from_numpy(train.astype(np.int64))
-    tracker.log_params({"n_params": n_params, "train_tokens": len(train), "device": device.type})
+    tracker.log_params({"n_params": n_params, "train_tokens": len(train), "resolved_device": device.type,
+                        "resolved_dtype": "bf16" if amp_dtype else "fp32"})
 
     def log_eval(step: int) -> dict:
         losses = evaluate(model, val_windows, cfg.batch_size, device, autocast)

@@ -1,0 +1,251 @@
+"""quantize: post-training quantisation of the chosen policy with bitsandbytes, and what it costs.
+
+Writes one folder per method (`int8`: LLM.int8(), `nf4`: 4-bit NormalFloat), each a plain HF model
+dir: its config.json carries the `quantization_config`, so `AutoModelForCausalLM.from_pretrained(dir)`
+loads it quantised with no extra argument (bitsandbytes must be installed). Every variant, the
+fp32 source included, is measured the same way: weight bytes on disk, memory footprint, perplexity
+on the same held-out tokens, and greedy generation speed on the current device. `tradeoff.csv`
+holds the figures and their ratios to fp32 for plots.
+
+bitsandbytes >= 0.46 runs both methods on CPU. There int8 is slower than fp32 (activations are
+cast to fp16 and quantised per call); nf4 dequantises to `compute_dtype` and stays close.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+from tasks.config import QuantizeConfig
+from tasks.corpus import iter_texts, source_names
+from tasks.stage import InputError, cli, write_meta
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+BITS = {"fp32": 32, "int8": 8, "nf4": 4}
+BNB_LAYERS = ("Linear8bitLt", "Linear4bit")
+CSV_FIELDS = ("variant", "bits", "size_bytes", "memory_footprint_bytes", "perplexity", "tokens_per_s",
+              "size_ratio", "footprint_ratio", "ppl_ratio", "speed_ratio")
+
+
+# ------------------------------------------------------------------------------ shared with evaluate
+def pick_device(name: str):
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device: cuda requested but torch sees no CUDA device")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def quiet_bitsandbytes() -> None:
+    # bnb logs "MatMul8bitLt: inputs will be cast from torch.float32 to float16" on every int8 matmul
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+
+
+def check_model_dir(path: str | Path, what: str) -> Path:
+    """A saved causal LM with its tokenizer, or InputError naming what is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"missing {what}: {path} does not exist (run the stage that produces it first)")
+    if not (path / "config.json").is_file():
+        raise InputError(f"{what}: {path} has no config.json (not a saved model)")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise InputError(f"{what}: {path} has no tokenizer (tokenizer.json) beside the model")
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
+        raise InputError(f"{what}: {path} has no weight files (*.safetensors)")
+    return path
+
+
+def load_causal_lm(path: str | Path, device, **kwargs):
+    """A model dir, quantised or not, on `device` in eval mode (a quantisation_config in config.json applies itself)."""
+    from transformers import AutoModelForCausalLM
+
+    quiet_bitsandbytes()
+    if device.type == "cuda":  # bnb weights must be placed at load time; .to() is refused for them
+        kwargs.setdefault("device_map", {"": device.index or 0})
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()  # on CPU by default
+
+
+def is_quantized(model) -> bool:
+    return any(type(m).__name__ in BNB_LAYERS for m in model.modules())
+
+
+def weight_bytes(model_dir: str | Path) -> int:
+    """Bytes of the weight files in a model dir (config and tokenizer excluded)."""
+    return sum(p.stat().st_size for p in Path(model_dir).iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
+# ----------------------------------------------------------------------------------- measurements
+def heldout_tokens(corpus: Path, tokenizer, n_tokens: int):
+    """Up to n_tokens val-split tokens, an equal share per source, documents joined by eos."""
+    import torch
+
+    sources = source_names(corpus, "val")
+    if not sources:
+        raise InputError(f"{corpus}: the val split has no sources (run the mix stage)")
+    share = math.ceil(n_tokens / len(sources))
+    ids: list[int] = []
+    for source in sources:
+        taken: list[int] = []
+        for text in iter_texts(corpus, "val", source):
+            taken += tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] + [tokenizer.eos_token_id]
+            if len(taken) >= share:
+                break
+        ids += taken[:share]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def perplexity(model, tokens, seq_len: int, batch_size: int) -> float:
+    """exp(mean next-token loss) over non-overlapping windows of the token stream."""
+    import torch
+    import torch.nn.functional as F
+
+    n = max(1, (len(tokens) - 1) // seq_len)
+    windows = [tokens[i * seq_len : (i + 1) * seq_len + 1] for i in range(n)]
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for i in range(0, len(windows), batch_size):
+            batch = torch.nn.utils.rnn.pad_sequence(windows[i : i + batch_size], batch_first=True, padding_value=-100)
+            inputs, labels = batch[:, :-1].clamp(min=0).to(device), batch[:, 1:].to(device)
+            logits = model(input_ids=inputs).logits.float()
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+            total += loss.item()
+            count += int((labels != -100).sum())
+    return math.exp(total / count)
+
+
+def generation_speed(model, tokenizer, prompt: str, new_tokens: int, repeats: int) -> float:
+    """Greedy tokens per second for exactly `new_tokens` tokens; best of `repeats` after a warm-up."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        ids = torch.tensor([[tokenizer.eos_token_id]])
+    ids = ids.to(device)
+    kwargs = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id, attention_mask=torch.ones_like(ids))
+
+    def once(n: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, min_new_tokens=n, max_new_tokens=n, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        assert out.shape[1] - ids.shape[1] == n
+        return time.perf_counter() - start
+
+    once(2)  # warm-up: first calls pay for lazy init (bnb kernels, allocator)
+    return new_tokens / min(once(new_tokens) for _ in range(repeats))
+
+
+def measure(model, model_dir: Path, tokenizer, tokens, cfg: QuantizeConfig) -> dict:
+    seq_len = int(getattr(model.config, "max_position_embeddings", 256) or 256)
+    return {
+        "size_bytes": weight_bytes(model_dir),
+        "memory_footprint_bytes": int(model.get_memory_footprint()),
+        "perplexity": round(perplexity(model, tokens, seq_len, cfg.batch_size), 4),
+        "tokens_per_s": round(generation_speed(model, tokenizer, cfg.gen_prompt, cfg.gen_tokens, cfg.gen_repeats), 2),
+    }
+
+
+def bnb_config(method: str, cfg: QuantizeConfig):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    skip = list(cfg.skip_modules) or None  # None: transformers' default (the output head)
+    if method == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=cfg.int8_threshold, llm_int8_skip_modules=skip)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.compute_dtype]
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip,
+    )
+
+
+def _free(model) -> None:
+    import torch
+
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def write_tradeoff(path: Path, rows: dict[str, dict]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for variant, m in rows.items():
+            writer.writerow({"variant": variant, **{k: m.get(k) for k in CSV_FIELDS[1:]}})
+
+
+# -------------------------------------------------------------------------------------------- stage
+def run(cfg: QuantizeConfig, *, model: Path, corpus: Path, out: Path, tracker) -> dict:
+    """Quantise a policy to int8 and nf4 with bitsandbytes; measure size, memory, perplexity and speed."""
+    import json
+
+    import torch
+    from transformers import AutoTokenizer
+
+    source = check_model_dir(model, "model to quantise")
+    if "quantization_config" in json.loads((source / "config.json").read_text()):
+        raise InputError(f"{source}/config.json: the model is already quantised; pass a full-precision model")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = pick_device(cfg.device)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokens = heldout_tokens(corpus, tokenizer, cfg.ppl_tokens)
+    if len(tokens) < 2:
+        raise InputError(f"{corpus}/val: too little text for a perplexity measurement")
+    inputs = {"model": model, "corpus": corpus}
+
+    metrics: dict[str, dict] = {}
+    fp32 = load_causal_lm(source, device, dtype=torch.float32)
+    metrics["fp32"] = {"bits": 32, **measure(fp32, source, tokenizer, tokens, cfg)}
+    _free(fp32)
+    print(f"quantize: fp32 {metrics['fp32']}", file=sys.stderr)
+
+    for method in cfg.methods:
+        start = time.perf_counter()
+        quantized = load_causal_lm(source, device, dtype=torch.float32, quantization_config=bnb_config(method, cfg))
+        target = out / method
+        quantized.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+        _free(quantized)
+        seconds = time.perf_counter() - start
+        # measure what was saved: the folder must load quantised with no extra argument
+        reloaded = load_causal_lm(target, device)
+        if not is_quantized(reloaded):
+            raise RuntimeError(f"{target} reloaded without bitsandbytes layers; its quantization_config was not applied")
+        m = {"bits": BITS[method], **measure(reloaded, target, tokenizer, tokens, cfg), "quantize_s": round(seconds, 2)}
+        _free(reloaded)
+        metrics[method] = m
+        print(f"quantize: {method} {m}", file=sys.stderr)
+
+    base = metrics["fp32"]
+    for m in metrics.values():
+        m["size_ratio"] = round(m["size_bytes"] / base["size_bytes"], 4)
+        m["footprint_ratio"] = round(m["memory_footprint_bytes"] / base["memory_footprint_bytes"], 4)
+        m["ppl_ratio"] = round(m["perplexity"] / base["perplexity"], 4)
+        m["speed_ratio"] = round(m["tokens_per_s"] / base["tokens_per_s"], 4)
+    for method in cfg.methods:
+        write_meta(out / method, "quantize", cfg, metrics[method], inputs, method=method, device=device.type,
+                   heldout_tokens=len(tokens))
+    write_tradeoff(out / "tradeoff.csv", metrics)
+    tracker.log_artifact(out / "tradeoff.csv")
+    return {**metrics, "heldout_tokens": len(tokens), "device": device.type}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli("quantize", run, inputs=("model", "corpus"), argv=argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
