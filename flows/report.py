@@ -139,7 +139,53 @@ def section_pretrain(r: Report) -> str | None:
     return text
 
 
-SECTIONS = [section_mix, section_tokenizer, section_pretrain]
+def section_quantize(r: Report) -> str | None:
+    rows = _csv(r.out / "quantize" / "tradeoff.csv")
+    if not rows:
+        return None
+    text = "## Quantisation\n\n" + _table(
+        ["variant", "MB on disk", "MB in memory", "held-out ppl", "tokens/s"],
+        [[x["variant"], x["size_bytes"] / 1e6, x["memory_footprint_bytes"] / 1e6, x["perplexity"], x["tokens_per_s"]]
+         for x in rows],
+    )
+
+    def draw(ax):
+        for x in rows:
+            ax.scatter(x["size_bytes"] / 1e6, x["perplexity"], s=60)
+            ax.annotate(f"{x['variant']} ({x['tokens_per_s']:.0f} tok/s)", (x["size_bytes"] / 1e6, x["perplexity"]),
+                        textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.set_xlabel("MB on disk")
+        ax.set_ylabel("held-out perplexity")
+    return text + r.plot("quantize_tradeoff", draw, "Quantisation: size vs perplexity")
+
+
+def section_evaluate(r: Report) -> str | None:
+    path = r.out / "evaluate" / "table.json"
+    if not path.exists():
+        return None
+    table = json.loads(path.read_text())
+    variants, metrics = table["variants"], table["metrics"]
+    arrow = {True: " ↑", False: " ↓"}
+    text = "## Evaluation across variants\n\n" + _table(
+        ["metric", *variants],
+        [[m + arrow.get(table["higher_is_better"].get(m), ""), *(table["rows"][v].get(m) for v in variants)]
+         for m in metrics],
+    )
+    scores = [m for m in metrics if table["higher_is_better"].get(m) and not m.startswith("ppl")]
+    if scores:
+        def draw(ax):
+            width = 0.8 / len(variants)
+            for i, v in enumerate(variants):
+                ax.bar([j + i * width for j in range(len(scores))], [table["rows"][v].get(m) or 0 for m in scores],
+                       width, label=v)
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(scores))], scores, fontsize=8)
+            ax.set_ylabel("score")
+            ax.legend(fontsize=7, ncol=3)
+        text += r.plot("evaluate_scores", draw, "Benchmarks by variant (higher is better)")
+    return text
+
+
+SECTIONS = [section_mix, section_tokenizer, section_pretrain, section_quantize, section_evaluate]
 
 
 def write(root: str | Path = ".", runs: list[dict] | None = None, title: str = "lmforge report card") -> Path:
