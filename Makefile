@@ -28,6 +28,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q -c infra/constraints.txt -e '.[bench]'
 	$(BIN)/python -m bench
 
 # Rewrite params.yaml from a preset without running anything.

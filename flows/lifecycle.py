@@ -31,7 +31,7 @@ from tasks.preset import apply as apply_preset
 # Headline figures per stage for the run summary (the report card has the rest).
 HEADLINES = {
     "mix": ["total.docs_train", "total.chars_train"],
-    "tokenizer": ["bytes_per_token.all", "vocab_use"],
+    "tokenizer": ["bytes_per_token.overall", "vocab_used_val"],
     "pretrain": ["n_params", "initial_val_loss", "final_val_loss", "tokens_per_s"],
 }
 

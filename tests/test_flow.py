@@ -147,3 +147,33 @@ def test_changed_pretrain_param_reruns_pretrain_and_downstream_only(project, fir
     assert status["pretrain"]
     # Everything downstream of pretrain depends on it, so it re-runs too.
     assert all(status[s] for s in order[order.index("pretrain"):])
+
+
+def test_report_card_is_written_with_plots(project, first_run):
+    card = (project / "out/report/report.md").read_text()
+    for heading in ("## Wall time per stage", "## Data mixture", "## Tokenizer", "## Pretraining"):
+        assert heading in card
+    for png in ("walltime.png", "mixture.png", "pretrain_loss.png"):
+        assert (project / "out/report" / png).stat().st_size > 1000
+        assert f"({png})" in card
+
+
+def test_bad_input_fails_fast_without_retry_and_publishes_nothing(project, first_run, tracked, capfd):
+    from flows.lifecycle import lifecycle
+
+    params = project / "params.yaml"
+    good = params.read_text()
+    bad = good.replace("  sources:", "  sources:\n    - {name: notes, kind: files, path: missing/notes.jsonl}", 1)
+    assert bad != good
+    params.write_text(bad)
+    try:
+        with pytest.raises(Exception, match="mix"):
+            lifecycle(root=str(project), experiment="it", stages=["mix"])
+    finally:
+        params.write_text(good)
+    err = capfd.readouterr()
+    text = err.out + err.err
+    assert "missing/notes.jsonl" in text
+    assert text.count("Running stage 'mix'") == 1  # exit code 2 is not retried
+    assert not (project / "out/mix/corpus").exists()
+    assert not list((project / "out").glob(".*staging*"))

@@ -1,0 +1,146 @@
+"""Rows 7-9: figures that take minutes, read from the last run unless `--full` runs them here.
+
+7. the default lifecycle, all nine stages, on a 2-core CPU: ≤ 10 minutes of wall time;
+8. quantised generation per variant vs fp32 (the quantize stage measures it; read from its metrics);
+9. the test suite (`pytest -q`, what `make test` runs) on a 2-core CPU: ≤ 10 minutes.
+
+`--full` pins the child process to two CPUs and hides any GPU, so a bigger machine stands in for the
+2-core CPU the limits are about.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from bench.core import ROOT, Context, Row, Skip, base_env, fmt, limit_row, log, ratio_row, run_cmd
+
+LIMIT_S = 600.0
+CPUS = 2
+
+
+def stage_metrics(out: Path) -> dict[str, dict]:
+    from tasks.config import STAGES
+
+    found = {}
+    for stage in STAGES:
+        path = out / stage / "metrics.json"
+        if path.exists():
+            try:
+                found[stage] = json.loads(path.read_text())
+            except ValueError:
+                continue
+    return found
+
+
+def _params_preset(root: Path) -> str:
+    """Whether params.yaml is the default preset as the code defines it now."""
+    try:
+        from tasks.preset import render, resolve
+
+        same = (root / "params.yaml").read_text() == render("default", resolve("default", root / "configs"))
+        return "the default preset" if same else "not the default preset"
+    except Exception:  # configs being edited: say so rather than guess
+        return "of unknown preset"
+
+
+def full_lifecycle(ctx: Context) -> tuple[float, Path]:
+    """Run the default lifecycle in a fresh project, pinned to two CPUs, against the bench's Prefect server."""
+    from bench.orchestration import prefect_server
+
+    root = ctx.project("default")
+    env = base_env(LMFORGE_TRACKING="on", CUDA_VISIBLE_DEVICES="", **prefect_server(ctx).env())
+    log(f"lifecycle: the default preset, all stages, {CPUS} CPUs (minutes)")
+    seconds, _ = run_cmd([sys.executable, "-m", "flows.lifecycle"], root, env, timeout=3 * 3600, cpus=CPUS)
+    return seconds, root / "out"
+
+
+def lifecycle_rows(ctx: Context) -> list[Row]:
+    from tasks.config import STAGES
+
+    if ctx.full:
+        wall, out = ctx.memo("lifecycle", lambda: full_lifecycle(ctx))
+        metrics = stage_metrics(out)
+        per_stage = {s: m.get("wall_time_s") for s, m in metrics.items()}
+        note = (f"measured here: `python -m flows.lifecycle`, default preset, pinned to {CPUS} CPUs, GPU hidden; "
+                "per stage: " + ", ".join(f"{s} {fmt(v, 's')}" for s, v in per_stage.items()))
+        return [limit_row("7", "lifecycle_wall", "Default lifecycle, all stages, 2-core CPU", wall, LIMIT_S, note=note,
+                          per_stage=per_stage, source="measured")]
+    out = ctx.records / "out"
+    metrics = stage_metrics(out)
+    if not metrics:
+        raise Skip(f"no {out}/*/metrics.json: run `make run` first, or `python -m bench --full`")
+    per_stage = {s: float(m.get("wall_time_s") or 0.0) for s, m in metrics.items()}
+    missing = [s for s in STAGES if s not in metrics]
+    newest = max((out / s / "metrics.json").stat().st_mtime for s in metrics)
+    total = sum(per_stage.values())
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(newest))
+    note = (f"recorded: sum of the stages' wall_time_s in {out} (latest {when}), "
+            f"params.yaml {_params_preset(ctx.records)}; the record does not say how many CPUs it ran on; excludes "
+            "DVC/Prefect start-up; per stage: " + ", ".join(f"{s} {fmt(v, 's')}" for s, v in per_stage.items()))
+    row = limit_row("7", "lifecycle_wall", "Default lifecycle, all stages, 2-core CPU", total, LIMIT_S, note=note,
+                    per_stage=per_stage, source="recorded", missing=missing)
+    if missing:  # a partial sum says nothing about the limit
+        row.met = None
+        row.note = f"incomplete: no record of {', '.join(missing)}; " + row.note
+    return [row]
+
+
+def quantize_rows(ctx: Context) -> list[Row]:
+    full_run = ctx._cache.get("lifecycle")  # --full: the default lifecycle this bench just ran
+    path = (full_run[1] if full_run else ctx.records / "out") / "quantize" / "metrics.json"
+    if not path.exists():
+        raise Skip(f"no {path}: the quantize stage has not run (or is not written yet)")
+    metrics = json.loads(path.read_text())
+    base = metrics.get("fp32")
+    if not isinstance(base, dict) or not base.get("tokens_per_s"):
+        raise Skip(f"{path} has no fp32 entry with tokens_per_s to compare against")
+    rows = []
+    for name, m in metrics.items():
+        if name == "fp32" or not isinstance(m, dict) or "tokens_per_s" not in m:
+            continue
+        mem, base_mem = m.get("memory_footprint_bytes"), base.get("memory_footprint_bytes")
+        parts = [f"device {metrics.get('device', '?')}"]
+        if mem and base_mem:
+            parts.append(f"memory {mem / 2**20:.2f} MiB = {mem / base_mem:.2f}× fp32")
+        if m.get("perplexity") and base.get("perplexity"):
+            parts.append(f"perplexity {m['perplexity']:.3g} vs {base['perplexity']:.3g}")
+        parts.append(f"read from {path}")
+        rows.append(ratio_row("8", f"quantize.{name}", f"Quantised generation: {name}", float(m["tokens_per_s"]),
+                              float(base["tokens_per_s"]), "tokens/s", baseline_name="fp32", note="; ".join(parts),
+                              memory_bytes=mem, fp32_memory_bytes=base_mem))
+    if not rows:
+        raise Skip(f"{path} lists no quantised variant")
+    return rows
+
+
+def test_rows(ctx: Context, previous: dict | None = None) -> list[Row]:
+    if ctx.full:
+        log(f"tests: pytest -q on {CPUS} CPUs (minutes)")
+        env = base_env(CUDA_VISIBLE_DEVICES="")
+        start = time.perf_counter()
+        try:
+            _, stdout = run_cmd([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], ROOT,
+                                env, timeout=3 * 3600, cpus=CPUS)
+            outcome = "passed"
+        except Exception as err:  # a failing suite still has a wall time; the note says it failed
+            stdout, outcome = str(err), "FAILED"
+        seconds = time.perf_counter() - start
+        summary = next((ln for ln in reversed(stdout.splitlines()) if re.search(r"passed|failed|error", ln)), "")
+        note = f"pinned to {CPUS} CPUs, GPU hidden: {outcome}; {summary.strip('= ')}"
+        row = limit_row("9", "test_suite", "Test suite (pytest -q), 2-core CPU", seconds, LIMIT_S,
+                        note="measured here, " + note, source="measured", measured_note=note,
+                        recorded=time.strftime("%Y-%m-%d %H:%M"))
+        if outcome != "passed":
+            row.met = False
+        return [row]
+    if previous and previous.get("status") == "ok" and previous.get("ours"):
+        row = Row(**{k: v for k, v in previous.items() if k in Row.__dataclass_fields__})
+        when = row.details.get("recorded", "an earlier run")
+        row.note = f"recorded by `python -m bench --full` at {when}, not re-run: {row.details.get('measured_note', '')}"
+        row.details["source"] = "recorded"
+        return [row]
+    raise Skip("no recorded test-suite time: run `python -m bench --full` (or --only tests --full)")

@@ -1,0 +1,134 @@
+"""The benchmark suite's machinery on the smallest sizes: rows measure, skip cleanly and get written.
+Not a timing assertion: `python -m bench` takes the figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # bench/ runs from the checkout (python -m bench); it is not installed
+    sys.path.insert(0, str(ROOT))
+
+from bench import core, orchestration, records, report, tokenizing, training  # noqa: E402
+from bench.__main__ import main, selected  # noqa: E402
+
+
+@pytest.fixture()
+def ctx(tmp_path, tiny_corpus, tiny_tokenizer_dir):
+    sizes = replace(
+        core.sizes_for(quick=True, cuda=False),
+        pretrain=dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64, seq_len=32,
+                      batch_size=4, log_every=1, eval_batches=1, sample_tokens=1, sample_prompts=["1"], warmup_steps=1),
+        pretrain_warm=1, pretrain_steps=2, matmul_n=128, matmul_seconds=0.05,
+    )
+    context = core.Context(sizes, workdir=tmp_path / "work", records=tmp_path / "records")
+    context.set_data(tiny_corpus, tiny_tokenizer_dir)
+    yield context
+    context.close()
+
+
+def test_pretrain_and_mfu_rows_measure_both_sides(ctx):
+    rows = training.pretrain_rows(ctx) + training.mfu_rows(ctx)
+    assert [r.status for r in rows] == ["ok", "ok"]
+    for r in rows:
+        assert r.ours > 0 and r.baseline > 0 and math.isfinite(r.value)
+    assert rows[0].met is not None and rows[0].target == "≥ 0.95×"
+    assert rows[1].value > 0 and rows[1].value_text.endswith("% MFU")
+    assert (training.base_model(ctx) / "config.json").exists()  # row 1's model feeds the sft/ppo rows
+
+
+def test_tokenizer_row_compares_with_sentencepiece(ctx):
+    pytest.importorskip("sentencepiece")
+    time_row, bpt_row, char_row = tokenizing.tokenizer_rows(ctx, vocab_size=300)
+    assert time_row.ours > 0 and time_row.baseline > 0
+    assert 1 < bpt_row.ours < 10 and 1 < bpt_row.baseline < 10 and char_row.baseline > 1
+
+
+def test_missing_stage_and_records_skip_with_a_note(ctx):
+    with pytest.raises(core.Skip, match="does not exist yet"):
+        core.stage_module("no_such_stage")
+    with pytest.raises(core.Skip, match="make run"):
+        records.lifecycle_rows(ctx)
+    with pytest.raises(core.Skip, match="quantize"):
+        records.quantize_rows(ctx)
+
+
+def test_steady_rate_starts_after_the_warm_up():
+    recs = [(0.0, 1, {"n": 100}), (10.0, 2, {"n": 200}), (11.0, 3, {"n": 300}), (12.0, 4, {"x": 1}),
+            (13.0, 5, {"n": 500})]
+    assert training.steady_rate(recs, "n", from_step=2) == pytest.approx(100.0)
+    with pytest.raises(RuntimeError):
+        training.steady_rate(recs, "n", from_step=5)
+
+
+def test_bump_raises_one_knob_of_one_section(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("mix:\n  seed: 0  # s\n  sources:\n    - {kind: pydoc}\n"
+                      "tokenizer:\n  max_train_chars: 100  # c\npretrain:\n  seed: 7\n")
+    assert orchestration.bump(params, "mix") == "mix.seed=1"
+    assert orchestration.bump(params, "tokenizer") == "tokenizer.max_train_chars=101"
+    assert orchestration.bump(params, "mix") == "mix.seed=2"
+    assert "pretrain:\n  seed: 7\n" in params.read_text() and "  seed: 2  # s\n" in params.read_text()
+    other = tmp_path / "other.yaml"
+    other.write_text("ppo:\n  steps: 1\n")
+    with pytest.raises(core.Skip):  # no integer seed to bump
+        orchestration.bump(other, "ppo")
+
+
+def test_cli_reads_records_and_writes_the_table(tmp_path):
+    rec, res = tmp_path / "records", tmp_path / "results"
+    for stage, seconds in (("mix", 12.5), ("tokenizer", 9.0)):
+        (rec / "out" / stage).mkdir(parents=True)
+        (rec / "out" / stage / "metrics.json").write_text(json.dumps({"wall_time_s": seconds}))
+    (rec / "out" / "quantize").mkdir()
+    (rec / "out" / "quantize" / "metrics.json").write_text(json.dumps({
+        "fp32": {"tokens_per_s": 100.0, "memory_footprint_bytes": 4000, "perplexity": 10.0},
+        "int8": {"tokens_per_s": 50.0, "memory_footprint_bytes": 1000, "perplexity": 10.1},
+        "device": "cpu"}))
+    argv = ["--quick", "--only", "lifecycle", "8", "tests", "--out", str(res), "--records", str(rec),
+            "--workdir", str(tmp_path / "ws")]
+    assert main(argv) == 0
+    result = json.loads((res / "latest.json").read_text())
+    rows = {r["key"]: r for r in result["rows"]}
+    assert rows["lifecycle_wall"]["ours"] == pytest.approx(21.5)
+    assert rows["lifecycle_wall"]["met"] is None and "incomplete" in rows["lifecycle_wall"]["note"]
+    assert rows["quantize.int8"]["value"] == pytest.approx(0.5)
+    assert rows["tests"]["status"] == "skipped"
+    assert result["machine"]["cpu"] and result["machine"]["versions"]["torch"]
+    md = (res / "latest.md").read_text()
+    assert "| # | figure |" in md and "Quantised generation: int8" in md and "0.5×" in md
+    assert not (tmp_path / "ws").exists()  # the workspace is removed after the run
+
+    # a test-suite time recorded by an earlier --full run is carried forward, marked as such
+    result["rows"].append(core.limit_row("9", "test_suite", "Test suite", 300.0, 600.0, note="x",
+                                         measured_note="passed", recorded="2026-01-01 00:00").as_dict())
+    (res / "latest.json").write_text(json.dumps(result))
+    argv = ["--quick", "--only", "9", "--out", str(res), "--records", str(rec), "--workdir", str(tmp_path / "w2")]
+    assert main(argv) == 0
+    row = json.loads((res / "latest.json").read_text())["rows"][0]
+    assert row["ours"] == 300.0 and row["met"] is True and "recorded" in row["note"]
+
+
+def test_row_selection_by_name_or_number():
+    assert [g[0] for g in selected(["3"])] == ["sft", "ppo"]
+    assert [g[0] for g in selected(["tokenizer", "5"])] == ["tokenizer", "orchestration", "prefect"]
+    with pytest.raises(SystemExit):
+        selected(["nope"])
+
+
+def test_markdown_marks_skips_and_failed_targets():
+    row = core.ratio_row("1", "k", "fig", 90.0, 100.0, "tokens/s", baseline_name="loop", at_least=0.95)
+    skip = core.Row("3a", "sft", "SFT", status="skipped", note="tasks/sft.py does not exist yet")
+    text = report.markdown({"args": [], "created": "now", "sizes": {"name": "quick"}, "duration_s": 1.0,
+                            "machine": {"cpu": "c", "usable_cpus": 2, "logical_cpus": 2, "torch_threads": 2,
+                                        "gpu": None, "os": "linux", "python": "3.11", "versions": {},
+                                        "tokenizers_parallelism": "false"},
+                            "load": {"start": 0.1, "end": 0.2}, "rows": [row.as_dict(), skip.as_dict()]})
+    assert "| 0.9× | ≥ 0.95× | **no** |" in text
+    assert "skipped: tasks/sft.py does not exist yet" in text
