@@ -328,7 +328,7 @@ def trl_ppo_direct(cfg, policy_dir: Path, reward_dir: Path, work: Path) -> list:
 
 
 def _episode_rate(records, warm: int) -> float:
-    for key in ("episode", "trl/episode"):
+    for key in ("episode", "rollout/episode", "trl/episode"):
         if any(key in m for _, _, m in records):
             return steady_rate(records, key, warm)
     raise RuntimeError("no 'episode' counter in the PPO logs")
