@@ -33,6 +33,12 @@ HEADLINES = {
     "mix": ["total.docs_train", "total.chars_train"],
     "tokenizer": ["bytes_per_token.overall", "vocab_used_val"],
     "pretrain": ["n_params", "initial_val_loss", "final_val_loss", "tokens_per_s"],
+    "sft": ["base_accuracy", "final_accuracy"],
+    "lora": ["final_accuracy", "trainable_share"],
+    "reward": ["test_accuracy", "gt_agreement"],
+    "ppo": ["rm_score_before", "rm_score", "kl_last"],
+    "quantize": ["int8.size_ratio", "nf4.size_ratio"],
+    "evaluate": ["gate.passed"],
 }
 
 

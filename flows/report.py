@@ -185,7 +185,60 @@ def section_evaluate(r: Report) -> str | None:
     return text
 
 
-SECTIONS = [section_mix, section_tokenizer, section_pretrain, section_quantize, section_evaluate]
+def section_finetune(r: Report) -> str | None:
+    sft, lora = _metrics(r.out, "sft"), _metrics(r.out, "lora")
+    if not sft and not lora:
+        return None
+    rows = []
+    for name, m in (("sft (full)", sft), ("lora", lora)):
+        if m:
+            rows.append([name, m.get("base_accuracy"), m.get("final_accuracy"), m.get("base_eval_loss"),
+                         m.get("final_eval_loss"), m.get("trainable_share", 1.0), m.get("train_time_s")])
+    text = "## Supervised fine-tuning: full vs LoRA\n\nAccuracy: greedy answers to held-out questions, exact match.\n\n"
+    text += _table(["run", "base accuracy", "accuracy after", "base held-out loss", "held-out loss after",
+                    "trainable share", "train seconds"], rows)
+    bars = {"base": (sft or lora).get("base_accuracy")}
+    bars.update({name: m.get("final_accuracy") for name, m in (("sft", sft), ("lora", lora)) if m})
+
+    def draw(ax):
+        ax.bar(list(bars), [v or 0 for v in bars.values()], color=["grey", "tab:blue", "tab:orange"][: len(bars)])
+        ax.set_ylabel("held-out accuracy")
+    return text + r.plot("finetune_accuracy", draw, "Task accuracy: base vs SFT vs LoRA")
+
+
+def section_reward(r: Report) -> str | None:
+    m = _metrics(r.out, "reward")
+    if not m:
+        return None
+    rows = [[k, m.get(f"{k}_before"), m.get(k)] for k in ("test_accuracy", "test_margin", "gt_agreement")]
+    return ("## Reward model\n\nPairwise accuracy on held-out preference pairs (chance = 0.5), and agreement with the\n"
+            "ground-truth rule (correct answer scored above a wrong one).\n\n" + _table(["figure", "before", "after"], rows))
+
+
+def section_ppo(r: Report) -> str | None:
+    m = _metrics(r.out, "ppo")
+    if not m:
+        return None
+    rows = [[k, m.get(f"{k}_before"), m.get(k)] for k in ("rm_score", "gt_accuracy", "end_rate")]
+    text = "## PPO\n\nHeld-out prompts, before and after; KL to the initial policy at the end: "
+    text += f"{_fmt(m.get('kl_last'))} (max {_fmt(m.get('kl_max'))}).\n\n" + _table(["figure", "before", "after"], rows)
+    curves = _csv(r.out / "ppo" / "curves.csv")
+    if curves:
+        def draw(ax):
+            steps = [c["step"] for c in curves]
+            ax.plot(steps, [c["rm_score"] for c in curves], label="reward-model score")
+            ax.set_xlabel("PPO update")
+            ax.set_ylabel("score")
+            ax2 = ax.twinx()
+            ax2.plot(steps, [c["kl"] for c in curves], color="tab:red", label="KL")
+            ax2.set_ylabel("KL", color="tab:red")
+            ax.legend(loc="upper left", fontsize=8)
+        text += r.plot("ppo_curves", draw, "PPO: reward and KL over updates")
+    return text
+
+
+SECTIONS = [section_mix, section_tokenizer, section_pretrain, section_finetune, section_reward, section_ppo,
+            section_quantize, section_evaluate]
 
 
 def write(root: str | Path = ".", runs: list[dict] | None = None, title: str = "lmforge report card") -> Path:

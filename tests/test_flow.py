@@ -48,7 +48,7 @@ def project(tmp_path_factory):
 def prefect():
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=180):
         yield
 
 

@@ -1,0 +1,29 @@
+"""dvc.yaml and params.yaml agree: nine stages, one params section each, named alike everywhere."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tasks.config import STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dvc_yaml_is_valid_and_names_the_nine_stages():
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        stages = {s.name: s for s in repo.index.stages}
+    assert list(stages) == list(STAGES)
+    for name, stage in stages.items():
+        assert stage.cmd.startswith(f"python -m tasks.{name} "), stage.cmd
+        assert (ROOT / "tasks" / f"{name}.py").exists()
+        params = [p for dep in stage.deps if hasattr(dep, "params") for p in dep.params]
+        assert params == [name], f"{name} should depend on its own params section, got {params}"
+        assert any(str(o.def_path).endswith(f"out/{name}/metrics.json") for o in stage.outs), name
+
+
+def test_every_stage_command_has_help():
+    for name in STAGES:
+        out = subprocess.run([sys.executable, "-m", f"tasks.{name}", "--help"], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0 and "--out" in out.stdout, (name, out.stderr[-500:])
