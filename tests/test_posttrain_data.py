@@ -27,6 +27,9 @@ def test_answers_are_correct():
     for r in data.conversations("train", 400, 0):
         q, a = r["messages"][0]["content"], r["messages"][1]["content"]
         assert a == r["answer"] and r["messages"][1]["role"] == "assistant"
+        if r["task"] == "repeat":
+            assert q == f"Repeat: {a}" and len(set(a.split())) == 2
+            continue
         nums = [int(x) for x in q.replace("?", "").replace(",", "").split() if x.isdigit()]
         expected = {"add": lambda x, y: x + y, "sub": lambda x, y: x - y, "mul": lambda x, y: x * y,
                     "larger": max}[r["task"]](*nums)
@@ -39,7 +42,8 @@ def test_preference_pairs_and_prompts_share_the_format():
         assert p["chosen"][0]["content"] == p["answer"] != p["rejected"][0]["content"]
         assert data.score(p["chosen"][0]["content"], p["answer"]) == 1.0
         assert data.score(p["rejected"][0]["content"], p["answer"]) == 0.0
-        assert p["prompt"][0]["role"] == "user" and int(p["rejected"][0]["content"]) >= 0
+        assert p["prompt"][0]["role"] == "user"
+        assert p["task"] == "repeat" or int(p["rejected"][0]["content"]) >= 0
     assert pairs == data.preference_pairs("train", 200, 0)
     prompts = data.prompts("test", 20, 0)
     assert [p["prompt"][0]["content"] for p in prompts] == [c["messages"][0]["content"] for c in data.conversations("test", 20, 0)]

@@ -1,0 +1,98 @@
+"""lora: the sft task with a PEFT LoRA adapter instead of full fine-tuning (QLoRA with `qlora: true`).
+
+The base stays frozen; only the low-rank matrices on `target_modules` train. QLoRA loads the frozen base
+as 4-bit NF4 through bitsandbytes (bitsandbytes >= 0.46 also runs 4-bit layers on CPU, slowly).
+
+Outputs:
+    adapter/   the LoRA adapter (+ tokenizer): PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
+    model/     the adapter merged into a full-precision copy of the base: a plain transformers model with tokenizer
+    samples.jsonl, metrics (trainable share, accuracy and held-out loss before/after, accuracy of the merged model)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from tasks.config import LoraConfig
+from tasks.posttrain_data import conversations
+from tasks.sft import (
+    answer_accuracy, finetune, load_tokenizer, set_generation_defaults, setup_device, training_conversations,
+)
+from tasks.stage import InputError, cli, write_meta
+
+
+def load_base(base: Path, cfg: LoraConfig, device: str):
+    """The frozen base: fp32, or 4-bit NF4 for QLoRA (bf16 compute on CUDA, fp32 on CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not cfg.qlora:
+        return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:  # an environment problem, reported like bad input
+        raise InputError(f"qlora needs bitsandbytes, which does not import here ({err}); set lora.qlora: false") from None
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, device_map={"": device})
+    # fp32 norms and input grads, so the adapters get gradients through the frozen 4-bit layers
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def run(cfg: LoraConfig, *, base: Path, out: Path, tracker) -> dict:
+    """LoRA (or QLoRA) fine-tuning of a pretrained model on chat conversations; saves the adapter and a merged model."""
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, set_seed
+
+    train_convs = training_conversations(cfg)  # validates user data before anything heavy is loaded
+    device = setup_device(cfg)
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(base)
+    model = load_base(base, cfg, device)
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = sorted(set(cfg.target_modules) - present)
+    if missing:
+        raise InputError(f"{base}: target_modules {missing} are not modules of this model")
+    peft_config = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    trainer, metrics = finetune(cfg, model, tokenizer, train_convs, out, tracker, device, peft_config=peft_config)
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    metrics.update(trainable_params=trainable, total_params=total, trainable_share=trainable / total, qlora=cfg.qlora)
+
+    adapter_dir = out / "adapter"
+    trainer.model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+
+    # Merge into a full-precision base loaded afresh (for QLoRA, never into the 4-bit weights); this also
+    # proves the saved adapter loads the way a user would load it.
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter_dir)
+    merged = merged.merge_and_unload().to(device)
+    test_rows = conversations("test", cfg.test_examples, cfg.seed)
+    merged_acc, _ = answer_accuracy(merged, tokenizer, test_rows, cfg.eval_batch_size, cfg.max_new_tokens)
+    metrics["merged_accuracy"] = merged_acc["accuracy"]
+
+    model_dir = out / "model"
+    set_generation_defaults(merged, tokenizer)
+    merged.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    write_meta(model_dir, "lora", cfg, metrics, {"base": base})
+    write_meta(adapter_dir, "lora", cfg, metrics, {"base": base})
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli("lora", run, inputs=("base",), argv=argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+import json
+import math
+
+import pytest
+import torch
+
+from tasks import posttrain_data, sft, tracking
+from tasks.config import SftConfig
+from tasks.stage import InputError, execute
+
+TINY = dict(train_examples=64, test_examples=16, max_steps=6, batch_size=8, lr=1e-2, warmup_steps=0, log_every=1,
+            eval_batch_size=16, max_new_tokens=4, num_threads=1)
+
+
+class RecordingTracker(tracking.NullTracker):
+    def __init__(self):
+        self.logged, self.artifacts = [], []
+
+    def log_metrics(self, metrics, step=None):
+        self.logged.append((step, dict(metrics)))
+
+    def log_artifact(self, path, artifact_path=None):
+        self.artifacts.append(str(path))
+
+
+def test_labels_cover_assistant_tokens_only(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = SftConfig(**{**TINY, "train_examples": 8})
+    tok = sft.load_tokenizer(tiny_model_dir)
+    trainer = sft.make_trainer(
+        cfg, AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok, sft.training_conversations(cfg),
+        posttrain_data.conversations("test", 4, 0), tmp_path / "work", "cpu", tracking.NullTracker(), [],
+    )
+    rows = posttrain_data.conversations("train", 8, 0)
+    assistant = tok.convert_tokens_to_ids("<|assistant|>")
+    for ex, row in zip(trainer.train_dataset, rows):
+        ids, labels = ex["input_ids"], ex["labels"]
+        start = ids.index(assistant) + 1
+        assert all(label == -100 for label in labels[:start])  # prompt and role tokens are masked
+        assert labels[start:] == ids[start:]  # answer and <|end|> are learnt
+        assert tok.decode(ids[start:]) == row["answer"] + "<|end|>"
+
+
+def test_sft_trains_and_writes_a_loadable_chat_model(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tracker = RecordingTracker()
+    out = tmp_path / "sft"
+    metrics = execute("sft", sft.run, SftConfig(**TINY), out, {"base": tiny_model_dir}, tracker=tracker)
+
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("base_accuracy", "final_accuracy", "base_eval_loss", "final_eval_loss", "final_accuracy_add",
+                "base_accuracy_larger", "accuracy_gain", "train_loss_first", "train_loss_last"):
+        assert key in saved and math.isfinite(saved[key]), key
+    assert 0.0 <= metrics["final_accuracy"] <= 1.0
+    assert metrics["steps"] == TINY["max_steps"]
+    assert metrics["final_eval_loss"] < metrics["base_eval_loss"]
+    assert [s for s, m in tracker.logged if "train/loss" in m] == list(range(1, TINY["max_steps"] + 1))
+
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    assert "{% generation %}" in tok.chat_template
+    assert tok.convert_tokens_to_ids("<|end|>") in model.generation_config.eos_token_id
+    assert json.loads((out / "model" / "lmforge.json").read_text())["stage"] == "sft"
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == TINY["test_examples"] and {"question", "answer", "base", "final"} <= set(samples[0])
+    assert not (out / sft.TRAINER_TMP).exists() and not list(tmp_path.glob(".*staging"))
+
+
+def test_user_data_files_are_added_and_validated(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"prompt": "Say hi", "completion": "hi"}) + "\n")
+    convs = sft.training_conversations(SftConfig(train_examples=4, data_files=[str(good)]))
+    assert len(convs) == 5 and convs[0] == [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n")
+    with pytest.raises(InputError, match=f"{bad}:1: .*no assistant message"):
+        sft.training_conversations(SftConfig(data_files=[str(bad)]))
+    pref = tmp_path / "pref.jsonl"
+    pref.write_text(json.dumps(posttrain_data.preference_pairs("train", 1, 0)[0]) + "\n")
+    with pytest.raises(InputError, match="preference data"):
+        sft.training_conversations(SftConfig(data_files=[str(pref)]))
+    with pytest.raises(InputError, match="no training data"):
+        sft.training_conversations(SftConfig(train_examples=0))
+
+
+def test_cli_reports_bad_data_with_exit_code_2(tiny_model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n{oops\n')
+    params = tmp_path / "params.yaml"
+    params.write_text(f"sft:\n  data_files: [{json.dumps(str(bad))}]\n")
+    code = sft.main(["--params", str(params), "--base", str(tiny_model_dir), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert f"{bad}:2: invalid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
