@@ -175,11 +175,11 @@ class PretrainConfig(_Section):
 # ----------------------------------------------------------------------------- post-training stages
 class SftConfig(_Section):
     seed: int = F(0, "seed for data generation, batch order and initialisation")
-    train_examples: int = F(6000, "built-in task conversations to train on (0: only data_files)", ge=0)
+    train_examples: int = F(8000, "built-in task conversations to train on (0: only data_files)", ge=0)
     test_examples: int = F(200, "held-out built-in conversations for loss and answer accuracy", gt=0)
     data_files: list[str] = F([], "extra JSONL training files in TRL messages or prompt_completion format")
     data_format: Literal["auto", "messages", "prompt_completion"] = F("auto", "format of data_files; auto detects it per file")
-    max_steps: int = F(300, "optimizer steps", gt=0)
+    max_steps: int = F(500, "optimizer steps", gt=0)
     batch_size: int = F(32, "conversations per micro-batch", gt=0)
     grad_accum: int = F(1, "micro-batches per optimizer step", gt=0)
     lr: float = F(1e-3, "peak learning rate", gt=0)
@@ -206,6 +206,7 @@ class LoraConfig(SftConfig):
     target_modules: list[str] = F(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "linear layers that get adapters"
     )
+    train_chat_tokens: bool = F(True, "also train the embedding rows of the chat special tokens, unseen in pretraining")
     qlora: bool = F(False, "QLoRA: freeze the base in 4-bit NF4 via bitsandbytes (CUDA; CPU works too, slower)")
 
 

@@ -165,6 +165,9 @@ def make_trainer(cfg: SftConfig, model, tokenizer, train_convs, test_rows, work:
         weight_decay=cfg.weight_decay,
         max_length=max_length,
         assistant_only_loss=cfg.assistant_only_loss,
+        # TRL 1.12's default "chunked_nll" reads lm_head.weight/.bias itself and breaks on PEFT's trainable-token
+        # wrapper around a tied head; plain "nll" is the same loss, and the vocabulary here is small
+        loss_type="nll",
         logging_steps=cfg.log_every,
         logging_first_step=True,
         eval_strategy="steps" if cfg.eval_every else "no",

@@ -158,7 +158,7 @@ def test_report_card_is_written_with_plots(project, first_run):
         assert f"({png})" in card
 
 
-def test_bad_input_fails_fast_without_retry_and_publishes_nothing(project, first_run, tracked, capfd):
+def test_bad_input_fails_fast_without_retry_and_publishes_nothing(project, first_run, tracked, capfd, caplog):
     from flows.lifecycle import lifecycle
 
     params = project / "params.yaml"
@@ -173,7 +173,8 @@ def test_bad_input_fails_fast_without_retry_and_publishes_nothing(project, first
         params.write_text(good)
     err = capfd.readouterr()
     text = err.out + err.err
-    assert "missing/notes.jsonl" in text
-    assert text.count("Running stage 'mix'") == 1  # exit code 2 is not retried
+    assert "missing/notes.jsonl" in text  # the stage's own one-line message reaches the user
+    # DVC logs through Prefect's handlers, so its lines land in the log records, not on the captured fds
+    assert caplog.text.count("Running stage 'mix'") == 1  # exit code 2 is not retried
     assert not (project / "out/mix/corpus").exists()
     assert not list((project / "out").glob(".*staging*"))

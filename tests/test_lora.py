@@ -31,12 +31,16 @@ def test_lora_trains_an_adapter_and_leaves_the_base_alone(tiny_model_dir, tmp_pa
     lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: non-zero means it trained
 
-    # merged model: plain transformers; only the adapted projections moved, embeddings and norms did not
+    # merged model: plain transformers; the adapted projections and the chat tokens' embedding rows moved,
+    # every other embedding row and the norms did not
     base, merged = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model" / "model.safetensors")
     assert set(base) == set(merged)
     for name in base:
         changed = not torch.equal(base[name], merged[name])
-        assert changed == any(t in name for t in LoraConfig().target_modules), name
+        assert changed == (any(t in name for t in LoraConfig().target_modules) or "embed_tokens" in name), name
+    rows = (base["model.embed_tokens.weight"] != merged["model.embed_tokens.weight"]).any(-1).nonzero().flatten()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert set(rows.tolist()) == set(lora.chat_token_ids(tok))
     assert AutoModelForCausalLM.from_pretrained(out / "model").config.model_type == "llama"
     assert AutoTokenizer.from_pretrained(out / "model").chat_template
     assert json.loads((out / "adapter" / "lmforge.json").read_text())["stage"] == "lora"

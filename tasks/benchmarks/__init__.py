@@ -53,8 +53,11 @@ def arith_mc_rows(n: int, choices: int, seed: int) -> list[dict]:
     """Test-split questions with the answer and choices-1 near misses (another operation's result, or off by 1..10)."""
     rng = random.Random(f"lmforge-arith-mc:{seed}")
     rows = []
-    pairs = _unique(posttrain_data.preference_pairs("test", n, seed), lambda r: r["prompt"][0]["content"])
-    for pair in pairs:
+    def numeric(pair) -> bool:  # near-miss options need numbers; word-answer tasks (repeat) are left out
+        return all(x.lstrip("-").isdigit() for x in (pair["answer"], pair["rejected"][0]["content"]))
+
+    pairs = _unique(posttrain_data.preference_pairs("test", 3 * n, seed), lambda r: r["prompt"][0]["content"])
+    for pair in [p for p in pairs if numeric(p)][:n]:
         answer = int(pair["answer"])
         wrong = [int(pair["rejected"][0]["content"])]
         offsets = [answer + d for d in range(-10, 11) if d and answer + d >= 0]
