@@ -179,7 +179,7 @@ class SftConfig(_Section):
     test_examples: int = F(200, "held-out built-in conversations for loss and answer accuracy", gt=0)
     data_files: list[str] = F([], "extra JSONL training files in TRL messages or prompt_completion format")
     data_format: Literal["auto", "messages", "prompt_completion"] = F("auto", "format of data_files; auto detects it per file")
-    max_steps: int = F(500, "optimizer steps", gt=0)
+    max_steps: int = F(400, "optimizer steps", gt=0)
     batch_size: int = F(32, "conversations per micro-batch", gt=0)
     grad_accum: int = F(1, "micro-batches per optimizer step", gt=0)
     lr: float = F(1e-3, "peak learning rate", gt=0)
