@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import subprocess
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 PARENT_ENV = "LMFORGE_PARENT_RUN_ID"
 EXPERIMENT_ENV = "LMFORGE_EXPERIMENT"
@@ -77,10 +79,10 @@ class MlflowTracker:
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
-    def log_metrics(self, metrics, step=None):
+    def log_metrics(self, metrics, step=None, timestamp_ms=None):
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = timestamp_ms or int(time.time() * 1000)
         items = [
             Metric(k, float(v), now, step or 0)
             for k, v in flatten(metrics).items()
@@ -99,6 +101,78 @@ class MlflowTracker:
     def set_tags(self, tags):
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
+
+    def _terminate(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+class BackgroundTracker:
+    """An MlflowTracker driven from a worker thread, in call order.
+
+    Importing MLflow and opening its store take seconds; a stage should not wait for them, nor for each
+    write. The worker connects while the stage starts its own work; log calls only enqueue (metrics keep
+    the time they were logged). `log_artifact` waits until the file is uploaded, because the stage moves
+    its files right after; `close` waits for everything. A tracking error is raised at those waits.
+    """
+
+    def __init__(self, connect: Callable[[], MlflowTracker]):
+        self._calls: queue.Queue = queue.Queue()
+        self._connected = threading.Event()
+        self._tracker: MlflowTracker | None = None
+        self._error: BaseException | None = None
+        self._worker = threading.Thread(target=self._work, args=(connect,), name="lmforge-tracking", daemon=True)
+        self._worker.start()
+
+    @property
+    def run_id(self) -> str | None:
+        self._connected.wait()
+        self._raise()
+        return self._tracker.run_id
+
+    def _work(self, connect) -> None:
+        try:
+            self._tracker = connect()
+        except BaseException as err:  # noqa: BLE001 - reported to the stage at its next wait
+            self._error = err
+        self._connected.set()
+        while (item := self._calls.get()) is not None:
+            method, args, done = item
+            if self._error is None:
+                try:
+                    getattr(self._tracker, method)(*args)
+                except BaseException as err:  # noqa: BLE001
+                    self._error = err
+            if done is not None:
+                done.set()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"MLflow tracking ({tracking_uri()}) failed: {self._error}") from self._error
+
+    def _call(self, method: str, *args, wait: bool = False) -> None:
+        done = threading.Event() if wait else None
+        self._calls.put((method, args, done))
+        if done is not None:
+            done.wait()
+            self._raise()
+
+    def log_params(self, params):
+        self._call("log_params", dict(params))
+
+    def log_metrics(self, metrics, step=None):
+        self._call("log_metrics", dict(metrics), step, int(time.time() * 1000))
+
+    def log_artifact(self, path, artifact_path=None):
+        self._call("log_artifact", path, artifact_path, wait=True)
+
+    def set_tags(self, tags):
+        self._call("set_tags", dict(tags))
+
+    def close(self, status: str) -> None:
+        """Finish the run with `status` once every queued call is done, and stop the worker."""
+        self._call("_terminate", status, wait=True)
+        self._calls.put(None)
+        self._worker.join()
 
 
 # ------------------------------------------------------------------------------------------- set-up
@@ -140,21 +214,29 @@ def git_commit(root: str | Path = ".") -> str:
         return ""
 
 
-@contextmanager
-def _run(name: str, tags: Mapping[str, str], parent: str | None, experiment: str | None) -> Iterator[MlflowTracker]:
+def _connect(name: str, tags: Mapping[str, str], parent: str | None, experiment: str) -> MlflowTracker:
     client = _client()
-    exp_id = _experiment_id(client, experiment or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
+    exp_id = _experiment_id(client, experiment)
     all_tags = {"lmforge.git_commit": git_commit(project_root()), **tags}
     if parent:
         all_tags["mlflow.parentRunId"] = parent
     run = client.create_run(exp_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()})
-    tracker = MlflowTracker(client, run.info.run_id)
+    return MlflowTracker(client, run.info.run_id)
+
+
+@contextmanager
+def _run(name: str, tags: Mapping[str, str], parent: str | None, experiment: str | None) -> Iterator[BackgroundTracker]:
+    experiment = experiment or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+    tracker = BackgroundTracker(lambda: _connect(name, tags, parent, experiment))
     try:
         yield tracker
     except BaseException:
-        client.set_terminated(tracker.run_id, "FAILED")
+        try:
+            tracker.close("FAILED")
+        except RuntimeError:  # the stage's own error is the one worth reporting
+            pass
         raise
-    client.set_terminated(tracker.run_id, "FINISHED")
+    tracker.close("FINISHED")
 
 
 @contextmanager

@@ -46,3 +46,33 @@ def test_off_switch_gives_null_tracker(monkeypatch, tmp_path):
     with tracking.stage_run("mix", {"a": 1}) as t:
         assert isinstance(t, tracking.NullTracker)
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_logging_does_not_wait_for_mlflow_and_keeps_call_order(store, monkeypatch):
+    """The stage goes on while the worker connects; the run still gets every metric, in order."""
+    import threading
+
+    gate = threading.Event()
+    connect = tracking._connect
+    monkeypatch.setattr(tracking, "_connect", lambda *a: (gate.wait(), connect(*a))[1])
+    with tracking.stage_run("pretrain", {"lr": 0.1}) as t:
+        for step in range(5):
+            t.log_metrics({"loss": 5.0 - step}, step=step)  # returns at once: the worker is still connecting
+        gate.set()
+    run = tracking._client().get_run(t.run_id)
+    history = tracking._client().get_metric_history(t.run_id, "loss")
+    assert run.info.status == "FINISHED" and run.data.params == {"lr": "0.1"}
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(s, 5.0 - s) for s in range(5)]
+
+
+def test_a_tracking_failure_is_reported_and_the_stage_error_wins(store, monkeypatch):
+    def broken(*args):
+        raise ConnectionError("no server at http://nowhere")
+
+    monkeypatch.setattr(tracking, "_connect", broken)
+    with pytest.raises(RuntimeError, match="no server"):
+        with tracking.stage_run("mix", {}) as t:
+            t.log_artifact(store)  # the first wait surfaces the failure
+    with pytest.raises(ValueError, match="the stage's own"):
+        with tracking.stage_run("mix", {}):
+            raise ValueError("the stage's own error")
