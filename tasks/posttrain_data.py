@@ -85,20 +85,24 @@ def _examples(split: str, n: int, seed: int) -> list[tuple[str, str, str, list[s
     """n (task, question, answer, alternatives) of a split, tasks in turn so each gets an equal share.
 
     Questions are unique within a call while the task's question space allows (mul has only 144),
-    then repeats are accepted rather than looping forever.
+    then that task accepts repeats: the first time 1000 draws find nothing new, it is marked used up, so
+    later draws do not search again (8000 conversations took 8 s of searching before this).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rng = random.Random(f"lmforge-posttrain:{split}:{seed}")
     names = list(TASKS)
     seen: set[str] = set()
+    used_up: set[str] = set()
     out = []
     for i in range(n):
         name = names[i % len(names)]
         for attempt in range(2000):
             q, a, alts = TASKS[name](rng)
-            if split_of(q) == split and (q not in seen or attempt >= 1000):
+            if split_of(q) == split and (q not in seen or name in used_up or attempt >= 1000):
                 break
+        if q in seen:
+            used_up.add(name)
         seen.add(q)
         out.append((name, q, a, alts))
     return out
