@@ -111,7 +111,7 @@ def summary(root: Path, results: list[dict], preset: str | None, run_id: str | N
     lines = [
         "# lmforge lifecycle run",
         "",
-        f"preset: `{preset or 'params.yaml as is'}`; MLflow run: `{run_id or 'tracking off'}`",
+        f"preset: `{preset or 'params.yaml as is'}`; MLflow run: `{run_id or 'none (nothing ran, or tracking off)'}`",
         "",
         "| stage | status | seconds | headline metrics |",
         "| --- | --- | ---: | --- |",
@@ -128,6 +128,46 @@ def summary(root: Path, results: list[dict], preset: str | None, run_id: str | N
     return "\n".join(lines) + "\n"
 
 
+@task(name="dvc-status")
+def stale(root: str, order: list[str]) -> list[str]:
+    """The stages among `order` that DVC would rebuild now (changed deps, params or missing outputs)."""
+    from dvc.repo import Repo
+
+    with chdir(root), Repo(".") as repo:
+        return sorted(repo.status(targets=order))
+
+
+def run_stages(path: Path, order: list[str], preset: str | None, experiment: str) -> list[dict]:
+    """Reproduce each stage in order under one MLflow parent run; write the summary and the report card."""
+    os.environ[tracking.ROOT_ENV] = str(path)  # the flow and its stages share one MLflow store
+    # Stage commands say `python`: make it this interpreter, whatever PATH the scheduler gave us.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    results: list[dict] = []
+    with tracking.flow_run("lifecycle", experiment, {"preset": preset or "", "stages": ",".join(order)}) as parent:
+        tracking.nest_children(parent)
+        for stage in order:
+            result = repro(str(path), stage)
+            results.append(result)
+            parent.log_metrics({f"{stage}.seconds": result["seconds"], f"{stage}.ran": float(result["ran"])})
+            if result["ran"]:
+                tracking.tag_child(parent.run_id, stage, {"dvc.lock_md5": lock_hash(path, stage)})
+        summary_md, card = write_summaries(path, results, preset, parent.run_id)
+        parent.log_artifact(summary_md)
+        parent.log_artifact(card.parent, "report")
+    return results
+
+
+def write_summaries(path: Path, results: list[dict], preset: str | None, run_id: str | None) -> tuple[Path, Path]:
+    """out/summary.md (this flow run) and, when the outputs changed since it was drawn, the report card."""
+    (path / "out").mkdir(exist_ok=True)
+    summary_md = path / "out" / "summary.md"
+    summary_md.write_text(summary(path, results, preset, run_id))
+    card = path / "out" / "report" / "report.md"
+    if not report.up_to_date(path):
+        report.write(path)
+    return summary_md, card
+
+
 @flow(name="lifecycle", log_prints=True)
 def lifecycle(preset: str | None = None, stages: list[str] | None = None, experiment: str = "lmforge",
               root: str = ".") -> list[dict]:
@@ -139,23 +179,13 @@ def lifecycle(preset: str | None = None, stages: list[str] | None = None, experi
         logger.info("applied preset %s to params.yaml", preset)
     load_params(path / "params.yaml")  # every section valid before any stage starts
     order = plan(path, stages)
-    # Stage commands say `python`: make it this interpreter, whatever PATH the scheduler gave us.
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    os.environ[tracking.ROOT_ENV] = str(path)  # the flow and its stages share one MLflow store
-    results: list[dict] = []
-    with tracking.flow_run("lifecycle", experiment, {"preset": preset or "", "stages": ",".join(order)}) as parent:
-        for stage in order:
-            result = repro(str(path), stage)
-            results.append(result)
-            parent.log_metrics({f"{stage}.seconds": result["seconds"], f"{stage}.ran": float(result["ran"])})
-            if result["ran"]:
-                tracking.tag_child(parent.run_id, stage, {"dvc.lock_md5": lock_hash(path, stage)})
-        text = summary(path, results, preset, parent.run_id)
-        (path / "out").mkdir(exist_ok=True)
-        (path / "out" / "summary.md").write_text(text)
-        card = report.write(path, results)
-        parent.log_artifact(path / "out" / "summary.md")
-        parent.log_artifact(card.parent, "report")
+    if stale(str(path), order):
+        results = run_stages(path, order, preset, experiment)
+    else:  # nothing to rebuild, so nothing to track: no MLflow run, no stage tasks
+        logger.info("every stage is up to date (dvc status): nothing to run")
+        results = [{"stage": s, "ran": False, "seconds": 0.0} for s in order]
+        write_summaries(path, results, preset, None)
+    text, card = (path / "out" / "summary.md").read_text(), path / "out" / "report" / "report.md"
     create_markdown_artifact(text + "\n" + card.read_text(), key="lifecycle-report",
                              description="stages run and skipped, and the report card (plots are in out/report/)")
     ran = [r["stage"] for r in results if r["ran"]]

@@ -12,12 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-
-from tasks.config import STAGES  # noqa: E402
+from tasks.config import STAGES
 
 
 def _metrics(out: Path, stage: str) -> dict | None:
@@ -57,7 +52,12 @@ class Report:
         self.folder = out / "report"
         self.folder.mkdir(parents=True, exist_ok=True)
 
-    def plot(self, name: str, draw: Callable[[plt.Axes], None], title: str) -> str:
+    def plot(self, name: str, draw: Callable, title: str) -> str:
+        import matplotlib  # here, not at import: a flow run with nothing new to report never needs it
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+
         fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
         draw(ax)
         ax.set_title(title)
@@ -69,14 +69,13 @@ class Report:
 
 
 # ------------------------------------------------------------------------------------------ sections
-def section_walltime(r: Report, runs: list[dict] | None) -> str | None:
+def section_walltime(r: Report) -> str | None:
     times = {s: m["wall_time_s"] for s in STAGES if (m := _metrics(r.out, s)) and "wall_time_s" in m}
     if not times:
         return None
-    status = {x["stage"]: x for x in runs or []}
-    rows = [[s, t, "ran" if status.get(s, {}).get("ran") else ("skipped" if s in status else "–")] for s, t in times.items()]
-    text = "## Wall time per stage\n\nSeconds of the stage's last real run (a skipped stage shows its cached run).\n\n"
-    text += _table(["stage", "seconds", "this run"], rows)
+    text = ("## Wall time per stage\n\nSeconds of each stage's last real run, the one that made its outputs "
+            "(which stages this flow run ran or skipped is in `out/summary.md`).\n\n")
+    text += _table(["stage", "seconds"], [[s, t] for s, t in times.items()])
     text += r.plot("walltime", lambda ax: (ax.barh(list(times)[::-1], list(times.values())[::-1]), ax.set_xlabel("seconds")),
                    "Wall time per stage")
     return text
@@ -241,17 +240,28 @@ SECTIONS = [section_mix, section_tokenizer, section_pretrain, section_finetune, 
             section_quantize, section_evaluate]
 
 
-def write(root: str | Path = ".", runs: list[dict] | None = None, title: str = "lmforge report card") -> Path:
+def write(root: str | Path = ".", title: str = "lmforge report card") -> Path:
     """Write out/report/report.md (+ PNGs) and return its path."""
     r = Report(Path(root) / "out")
     parts = [f"# {title}\n"]
-    for section in [lambda rep: section_walltime(rep, runs), *SECTIONS]:
+    for section in [section_walltime, *SECTIONS]:
         text = section(r)
         if text:
             parts.append(text)
     path = r.folder / "report.md"
     path.write_text("\n".join(parts))
     return path
+
+
+def up_to_date(root: str | Path = ".") -> bool:
+    """Whether out/report/report.md is newer than every stage's metrics: the card reads only the stages'
+    outputs, so then it would come out the same (a flow run with every stage cached keeps it)."""
+    out = Path(root) / "out"
+    card = out / "report" / "report.md"
+    if not card.exists():
+        return False
+    made = card.stat().st_mtime
+    return all(m.stat().st_mtime <= made for m in out.glob("*/metrics.json"))
 
 
 if __name__ == "__main__":

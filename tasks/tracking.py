@@ -252,7 +252,8 @@ def stage_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | N
 
 @contextmanager
 def flow_run(name: str, experiment: str, params: Mapping[str, Any]) -> Iterator[Tracker]:
-    """The parent run of one flow run; children find it through LMFORGE_PARENT_RUN_ID."""
+    """The parent run of one flow run. It connects in the background; `nest_children` (before the first
+    stage starts) waits for it and exports its id, by which the stages' runs nest under it."""
     if not enabled():
         yield NullTracker()
         return
@@ -260,7 +261,6 @@ def flow_run(name: str, experiment: str, params: Mapping[str, Any]) -> Iterator[
     with _run(name, {"lmforge.flow": name}, None, experiment) as tracker:
         tracker.log_params(params)
         previous = os.environ.get(PARENT_ENV)
-        os.environ[PARENT_ENV] = tracker.run_id
         try:
             yield tracker
         finally:
@@ -268,6 +268,12 @@ def flow_run(name: str, experiment: str, params: Mapping[str, Any]) -> Iterator[
                 os.environ.pop(PARENT_ENV, None)
             else:
                 os.environ[PARENT_ENV] = previous
+
+
+def nest_children(parent: Tracker) -> None:
+    """Make runs started from here on (stage processes included) children of `parent` (no-op untracked)."""
+    if parent.run_id:
+        os.environ[PARENT_ENV] = parent.run_id
 
 
 def tag_child(parent_run_id: str | None, stage: str, tags: Mapping[str, str]) -> None:

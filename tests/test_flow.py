@@ -128,8 +128,12 @@ def test_mlflow_has_parent_and_nested_stage_runs(project, first_run, tracked):
 def test_second_run_skips_everything(project, first_run, tracked):
     from flows.lifecycle import lifecycle
 
+    card = project / "out/report/report.md"
+    made = card.stat().st_mtime_ns
     results = lifecycle(root=str(project), experiment="it")
     assert not any(_statuses(results).values()), results
+    assert card.stat().st_mtime_ns == made  # nothing new to report: the card is kept, not redrawn
+    assert (project / "out/summary.md").read_text().count("| skipped |") == len(results)
 
 
 def test_changed_pretrain_param_reruns_pretrain_and_downstream_only(project, first_run, tracked):

@@ -17,6 +17,7 @@ def store(tmp_path, monkeypatch):
 def test_flow_run_nests_stage_runs_with_params_metrics_artifacts(store):
     (store / "samples.txt").write_text("hello")
     with tracking.flow_run("lifecycle", "exp", {"preset": "tiny"}) as parent:
+        tracking.nest_children(parent)
         with tracking.stage_run("pretrain", {"lr": 0.1, "sources": [{"name": "a"}]}) as t:
             t.log_metrics({"loss": 2.0}, step=1)
             t.log_metrics({"loss": 1.0, "nested": {"x": 3}}, step=2)
@@ -34,6 +35,7 @@ def test_flow_run_nests_stage_runs_with_params_metrics_artifacts(store):
 
 def test_failed_stage_is_marked_failed(store):
     with tracking.flow_run("lifecycle", "exp", {}) as parent:
+        tracking.nest_children(parent)
         with pytest.raises(RuntimeError):
             with tracking.stage_run("mix", {}):
                 raise RuntimeError("boom")
