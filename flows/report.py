@@ -179,7 +179,8 @@ def section_evaluate(r: Report) -> str | None:
                        width, label=v)
             ax.set_xticks([j + 0.4 - width / 2 for j in range(len(scores))], scores, fontsize=8)
             ax.set_ylabel("score")
-            ax.legend(fontsize=7, ncol=3)
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # headroom, so the legend covers no bar
+            ax.legend(fontsize=7, ncol=len(variants), loc="upper center")
         text += r.plot("evaluate_scores", draw, "Benchmarks by variant (higher is better)")
     return text
 
@@ -229,9 +230,11 @@ def section_ppo(r: Report) -> str | None:
             ax.set_xlabel("PPO update")
             ax.set_ylabel("score")
             ax2 = ax.twinx()
-            ax2.plot(steps, [c["kl"] for c in curves], color="tab:red", label="KL")
+            ax2.plot(steps, [c["kl"] for c in curves], color="tab:red", label="KL (right axis)")
             ax2.set_ylabel("KL", color="tab:red")
-            ax.legend(loc="upper left", fontsize=8)
+            # one legend for both axes
+            lines = ax.get_lines() + ax2.get_lines()
+            ax.legend(lines, [ln.get_label() for ln in lines], loc="upper left", fontsize=8)
         text += r.plot("ppo_curves", draw, "PPO: reward and KL over updates")
     return text
 

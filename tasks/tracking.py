@@ -156,11 +156,12 @@ class BackgroundTracker:
             done.wait()
             self._raise()
 
+    # Flattened at enqueue time: a snapshot, so the stage may go on mutating its own dicts.
     def log_params(self, params):
-        self._call("log_params", dict(params))
+        self._call("log_params", flatten(params))
 
     def log_metrics(self, metrics, step=None):
-        self._call("log_metrics", dict(metrics), step, int(time.time() * 1000))
+        self._call("log_metrics", flatten(metrics), step, int(time.time() * 1000))
 
     def log_artifact(self, path, artifact_path=None):
         self._call("log_artifact", path, artifact_path, wait=True)
