@@ -94,6 +94,18 @@ def test_digits_split_and_specials_single(trained):
     assert ids[0] == tok.convert_tokens_to_ids(chat.USER) and ids[-1] == tok.convert_tokens_to_ids(chat.END)
 
 
+@pytest.mark.parametrize("split_digits, numbers", [(True, ["1", "2", "3", "4"]), (False, ["123", "4"])])
+def test_bpe_pieces(split_digits, numbers):
+    """Where byte-level BPE may merge: a word keeps one leading non-letter, a newline its punctuation."""
+    from tokenizers import decoders
+
+    from tasks.tokenizer import build
+
+    pre = build(TokenizerConfig(kind="bpe", split_digits=split_digits)).pre_tokenizer
+    pieces = [decoders.ByteLevel().decode([p]) for p, _ in pre.pre_tokenize_str("x.append(self)\n    1234 it's")]
+    assert pieces == ["x", ".append", "(self", ")\n", "   ", " ", *numbers, " it", "'s"]
+
+
 def test_chat_template_masks_assistant(trained):
     kind, _, _, tok = trained
     messages = [{"role": "user", "content": "What is 3 + 4?"}, {"role": "assistant", "content": "The sum is 7."}]
