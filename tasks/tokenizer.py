@@ -43,9 +43,15 @@ def build(cfg: TokenizerConfig):
     digits = [pre_tokenizers.Digits(individual_digits=True)] if cfg.split_digits else []
     if cfg.kind == "bpe":
         tok = Tokenizer(models.BPE())
-        # One regex pass, then bytes to symbols. GPT-4-style pieces rather than GPT-2's: a word keeps one
-        # leading non-letter ("_name", ".append", "(self"), newlines stay with the punctuation before them;
-        # on the default corpus that is 2.81 held-out bytes/token against 2.71 for GPT-2's regex.
+        tok.decoder = decoders.ByteLevel()
+        if cfg.pre_tokenizer == "gpt2":
+            # Digits first: the byte-level regex would otherwise keep " 123" together
+            tok.pre_tokenizer = pre_tokenizers.Sequence([*digits, pre_tokenizers.ByteLevel(add_prefix_space=False)])
+            return tok
+        # GPT-4's pieces, one regex pass, then bytes to symbols: a word keeps one leading non-letter
+        # ("_name", ".append", "(self"), newlines stay with the punctuation before them. On the default corpus:
+        # 2.81 held-out bytes/token against gpt2's 2.71, yet the default 4M-parameter model, at the same step
+        # budget, ends worse per byte (base 2.55 vs 2.47 bits/byte on pydoc) and SFT accuracy fell 0.09 -> 0.035.
         number = r"\p{N}" if cfg.split_digits else r"\p{N}{1,3}"
         pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|" + number
                    + r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -53,7 +59,6 @@ def build(cfg: TokenizerConfig):
             pre_tokenizers.Split(Regex(pattern), "isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
-        tok.decoder = decoders.ByteLevel()
         return tok
     # prepend_scheme="never": no invented leading space, so text between chat specials round-trips exactly
     metaspace = dict(replacement="▁", prepend_scheme="never")

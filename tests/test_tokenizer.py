@@ -94,16 +94,21 @@ def test_digits_split_and_specials_single(trained):
     assert ids[0] == tok.convert_tokens_to_ids(chat.USER) and ids[-1] == tok.convert_tokens_to_ids(chat.END)
 
 
-@pytest.mark.parametrize("split_digits, numbers", [(True, ["1", "2", "3", "4"]), (False, ["123", "4"])])
-def test_bpe_pieces(split_digits, numbers):
-    """Where byte-level BPE may merge: a word keeps one leading non-letter, a newline its punctuation."""
+@pytest.mark.parametrize("pre, split_digits, pieces", [
+    ("gpt2", True, ["x", ".", "append", "(", "self", ")", "\n    ", "1", "2", "3", "4", " it", "'s"]),
+    ("gpt2", False, ["x", ".", "append", "(", "self", ")", "\n   ", " 1234", " it", "'s"]),
+    ("gpt4", True, ["x", ".append", "(self", ")\n", "   ", " ", "1", "2", "3", "4", " it", "'s"]),
+    ("gpt4", False, ["x", ".append", "(self", ")\n", "   ", " ", "123", "4", " it", "'s"]),
+])
+def test_bpe_pieces(pre, split_digits, pieces):
+    """Where byte-level BPE may merge, for each pre-tokenizer, with and without digit splitting."""
     from tokenizers import decoders
 
     from tasks.tokenizer import build
 
-    pre = build(TokenizerConfig(kind="bpe", split_digits=split_digits)).pre_tokenizer
-    pieces = [decoders.ByteLevel().decode([p]) for p, _ in pre.pre_tokenize_str("x.append(self)\n    1234 it's")]
-    assert pieces == ["x", ".append", "(self", ")\n", "   ", " ", *numbers, " it", "'s"]
+    tok = build(TokenizerConfig(kind="bpe", split_digits=split_digits, pre_tokenizer=pre))
+    got = [decoders.ByteLevel().decode([p]) for p, _ in tok.pre_tokenizer.pre_tokenize_str("x.append(self)\n    1234 it's")]
+    assert got == pieces
 
 
 def test_chat_template_masks_assistant(trained):
