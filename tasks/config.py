@@ -146,6 +146,11 @@ class TokenizerConfig(_Section):
 # ------------------------------------------------------------------------------------------ pretrain
 class PretrainConfig(_Section):
     seed: int = F(0, "seed for initialisation and batch order")
+    init_from: str = F(
+        "", "continue from this causal LM (local folder or hub id) with its own tokenizer, instead of random init; "
+        "the size knobs below are then ignored"
+    )
+    allow_network: bool = F(False, "let init_from download from the Hugging Face hub; off: local folders and cache only")
     hidden_size: int = F(256, "model width")
     num_layers: int = F(4, "decoder layers")
     num_heads: int = F(4, "attention heads")

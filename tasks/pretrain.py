@@ -1,9 +1,13 @@
-"""pretrain: a Llama-style decoder from random init, causal-LM objective on packed sequences.
+"""pretrain: a Llama-style decoder from random init (or a given causal LM), causal-LM objective on packed sequences.
 
 Tokenises the corpus once into flat arrays (tokenisation stays off the hot path), then trains with
 AdamW, linear warm-up and cosine decay, gradient clipping and accumulation, bf16 autocast on CUDA.
 Evaluates held-out loss per source, checkpoints periodically and resumes from the last checkpoint
 when it was written by the same config and data. Output loads with `AutoModelForCausalLM`.
+
+With `init_from` (a local folder, or a hub id when `allow_network` is on) the stage continues training
+that model with that model's tokenizer, to which lmforge's chat tokens and template are added; the
+tokenizer stage's output is then unused.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from tasks import chat
 from tasks.config import PretrainConfig
 from tasks.corpus import iter_texts, source_names
 from tasks.stage import InputError, cli, write_meta
@@ -79,6 +84,41 @@ def build_model(cfg: PretrainConfig, tokenizer):
     )
     torch.manual_seed(cfg.seed)
     return LlamaForCausalLM(config)
+
+
+def base_tokenizer(cfg: PretrainConfig):
+    """init_from's tokenizer with lmforge's chat tokens and template, so later stages work unchanged."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.init_from, local_files_only=not cfg.allow_network)
+        tok = AutoTokenizer.from_pretrained(cfg.init_from, local_files_only=not cfg.allow_network)
+    except (OSError, ValueError) as err:
+        hint = "" if cfg.allow_network else " (offline: a local folder or the HF cache; pretrain.allow_network downloads)"
+        raise InputError(f"pretrain.init_from: cannot load {cfg.init_from!r}{hint}: {err}") from None
+    if not tok.is_fast:
+        raise InputError(f"pretrain.init_from: {cfg.init_from!r} has no fast tokenizer (tokenizer.json)")
+    context = getattr(config, "max_position_embeddings", None)
+    if context and cfg.seq_len > context:
+        raise InputError(f"pretrain.seq_len ({cfg.seq_len}) is longer than {cfg.init_from!r}'s context ({context})")
+    new = [t for t in (chat.EOS, chat.PAD, *chat.ROLE_TOKENS.values(), chat.END) if t not in tok.get_vocab()]
+    if new:
+        tok.add_tokens(new, special_tokens=True)
+    return chat.configure(tok)
+
+
+def load_base(cfg: PretrainConfig, tokenizer):
+    """init_from's weights, embeddings grown to the tokenizer, special-token ids set from it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(cfg.init_from, local_files_only=not cfg.allow_network,
+                                                 dtype=torch.float32)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    for holder in (model.config, model.generation_config):
+        holder.bos_token_id, holder.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        holder.pad_token_id = tokenizer.pad_token_id
+    return model
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -192,14 +232,16 @@ def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, 
 
 def run(cfg: PretrainConfig, *, corpus: Path, tokenizer: Path, out: Path, tracker: Tracker,
         checkpoints: Path | None = None) -> dict:
-    """Pretrain a Llama-style model on the mixed corpus."""
+    """Pretrain a Llama-style model (or continue init_from's) on the mixed corpus."""
     from contextlib import nullcontext
 
     from transformers import AutoTokenizer
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    tok = AutoTokenizer.from_pretrained(tokenizer)
+    if cfg.init_from:
+        print(f"pretrain: continuing {cfg.init_from} with its own tokenizer ({tokenizer} is not used)", file=sys.stderr)
+    tok = base_tokenizer(cfg) if cfg.init_from else AutoTokenizer.from_pretrained(tokenizer)
     device, amp_dtype = resolve_device(cfg)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
 
@@ -212,7 +254,7 @@ def run(cfg: PretrainConfig, *, corpus: Path, tokenizer: Path, out: Path, tracke
     if not val_windows:
         raise InputError(f"{corpus} has no held-out text to evaluate on")
 
-    model = build_model(cfg, tok).to(device)
+    model = (load_base(cfg, tok) if cfg.init_from else build_model(cfg, tok)).to(device)
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
         fused=device.type == "cuda",

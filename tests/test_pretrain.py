@@ -71,3 +71,54 @@ def test_bad_shape_is_a_clear_error(tmp_path, tiny_corpus, tiny_tokenizer_dir):
         execute("pretrain", pretrain.run, cfg(hidden_size=30, num_heads=4), tmp_path / "out",
                 {"corpus": tiny_corpus, "tokenizer": tiny_tokenizer_dir}, tracker=NullTracker())
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def foreign_model(tmp_path_factory, tiny_corpus):
+    """A GPT-2-shaped model with its own tokenizer (eos "</s>", no chat tokens), saved as a hub model would be."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from tasks.corpus import iter_texts
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer, raw.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    raw.train_from_iterator(list(iter_texts(tiny_corpus, "train")), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    path = tmp_path_factory.mktemp("hub") / "gpt2-tiny"
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>").save_pretrained(path)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=raw.get_vocab_size(), n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    return path, raw.get_vocab_size()
+
+
+def test_init_from_continues_a_foreign_model(tmp_path, tiny_corpus, tiny_tokenizer_dir, foreign_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks import chat
+
+    path, vocab = foreign_model
+    m = execute("pretrain", pretrain.run, cfg(init_from=str(path)), tmp_path / "out",
+                {"corpus": tiny_corpus, "tokenizer": tiny_tokenizer_dir}, tracker=NullTracker())
+    assert m["final_val_loss"] < m["initial_val_loss"] - 0.5
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out/model")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out/model")
+    assert model.config.model_type == "gpt2" and model.config.n_layer == 1  # its shape, not the size knobs'
+    # lmforge's six chat tokens were added and the embeddings grew to hold them
+    assert len(tok) == vocab + 6 and model.get_input_embeddings().num_embeddings == len(tok)
+    assert tok.eos_token == chat.EOS and tok.pad_token == chat.PAD and model.config.eos_token_id == tok.eos_token_id
+    ids = tok.apply_chat_template([{"role": "user", "content": "1 + 2"}], add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert tok.convert_tokens_to_ids(chat.USER) in ids and tok.convert_tokens_to_ids(chat.ASSISTANT) in ids
+
+
+def test_init_from_errors_name_the_key(tmp_path, tiny_corpus, tiny_tokenizer_dir, foreign_model):
+    inputs = {"corpus": tiny_corpus, "tokenizer": tiny_tokenizer_dir}
+    with pytest.raises(InputError, match="pretrain.init_from: cannot load .*allow_network"):
+        execute("pretrain", pretrain.run, cfg(init_from="lmforge-no-such-org/no-such-model"), tmp_path / "a", inputs,
+                tracker=NullTracker())
+    with pytest.raises(InputError, match=r"pretrain.seq_len \(128\) is longer than .* context \(64\)"):
+        execute("pretrain", pretrain.run, cfg(init_from=str(foreign_model[0]), seq_len=128), tmp_path / "b", inputs,
+                tracker=NullTracker())
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
