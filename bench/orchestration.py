@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 from bench.core import (BenchError, Context, Row, Skip, base_env, best_of, excess_row, log, run_cmd)
+from flows import PREFECT_DEFAULTS
 
 PY = sys.executable
 BUMP_KEYS = {"tokenizer": "max_train_chars"}  # the knob bumped to force a re-run; "seed" elsewhere
@@ -224,10 +225,10 @@ def prefect_rows(ctx: Context) -> list[Row]:
     log("prefect: trivial flow against the server and with an ephemeral one")
     served = min((trivial(server.env()) for _ in range(n)), key=lambda r: r["flow_s"])
     # the ephemeral server gets its own home; a first, untimed run creates its database, as a user's first run does
-    # settings as in flows/__init__.py: analytics off (its first-run session write raced the server's and locked
-    # SQLite) and a start-up wait longer than Prefect's 20 s (a cold server missed it under load)
+    # the flow's own settings: analytics off (its first-run session write raced the server's and locked SQLite)
+    # and a start-up wait longer than Prefect's 20 s (a cold server missed it under load)
     alone = {"PREFECT_HOME": str(ctx.workdir / "prefect-ephemeral"), "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "true",
-             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+             **PREFECT_DEFAULTS}
     first = trivial(alone)
     ephemeral = min((trivial(alone) for _ in range(n)), key=lambda r: r["flow_s"])
     return [

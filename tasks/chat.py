@@ -4,6 +4,7 @@ EOS, PAD, SYSTEM, USER, ASSISTANT, END = (
     "<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
 )
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+SPECIAL_TOKENS = (EOS, PAD, SYSTEM, USER, ASSISTANT, END)  # every tokenizer lmforge saves has these
 
 # Compact on purpose: small models learn the format fast. `{% generation %}` marks the assistant's
 # tokens so TRL can put the loss on them alone (assistant_only_loss / return_assistant_tokens_mask).

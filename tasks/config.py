@@ -135,7 +135,7 @@ class TokenizerConfig(_Section):
 
         if not tokens or tokens[0] != chat.EOS:
             raise ValueError(f"the first special token must be the eos {chat.EOS!r}")
-        missing = [t for t in (chat.PAD, *chat.ROLE_TOKENS.values(), chat.END) if t not in tokens]
+        missing = [t for t in chat.SPECIAL_TOKENS[1:] if t not in tokens]
         if missing:
             raise ValueError(f"missing lmforge chat token(s) {missing} (see tasks/chat.py)")
         if len(set(tokens)) != len(tokens) or not all(tokens):

@@ -101,7 +101,7 @@ def base_tokenizer(cfg: PretrainConfig):
     context = getattr(config, "max_position_embeddings", None)
     if context and cfg.seq_len > context:
         raise InputError(f"pretrain.seq_len ({cfg.seq_len}) is longer than {cfg.init_from!r}'s context ({context})")
-    new = [t for t in (chat.EOS, chat.PAD, *chat.ROLE_TOKENS.values(), chat.END) if t not in tok.get_vocab()]
+    new = [t for t in chat.SPECIAL_TOKENS if t not in tok.get_vocab()]
     if new:
         tok.add_tokens(new, special_tokens=True)
     return chat.configure(tok)

@@ -165,9 +165,10 @@ def make_trainer(cfg: SftConfig, model, tokenizer, train_convs, test_rows, work:
         weight_decay=cfg.weight_decay,
         max_length=max_length,
         assistant_only_loss=cfg.assistant_only_loss,
-        # TRL 1.12's default "chunked_nll" reads lm_head.weight/.bias itself and breaks on PEFT's trainable-token
-        # wrapper around a tied head; plain "nll" is the same loss, and the vocabulary here is small
-        loss_type="nll",
+        # TRL 1.12's default "chunked_nll" (which skips the head's matmul on masked tokens) reads
+        # lm_head.weight itself and breaks on PEFT's trainable-token wrapper around a tied head: there, plain
+        # "nll", the same loss
+        loss_type="nll" if getattr(peft_config, "trainable_token_indices", None) else "chunked_nll",
         logging_steps=cfg.log_every,
         logging_first_step=True,
         eval_strategy="steps" if cfg.eval_every else "no",
