@@ -144,13 +144,16 @@ def run_stages(path: Path, order: list[str], preset: str | None, experiment: str
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     results: list[dict] = []
     with tracking.flow_run("lifecycle", experiment, {"preset": preset or "", "stages": ",".join(order)}) as parent:
-        tracking.nest_children(parent)
         for stage in order:
-            result = repro(str(path), stage)
+            try:
+                result = repro(str(path), stage)
+            except BaseException:
+                tracking.nest_stage_runs(parent, stage)  # the failed attempts' runs, marked FAILED
+                raise
             results.append(result)
             parent.log_metrics({f"{stage}.seconds": result["seconds"], f"{stage}.ran": float(result["ran"])})
             if result["ran"]:
-                tracking.tag_child(parent.run_id, stage, {"dvc.lock_md5": lock_hash(path, stage)})
+                tracking.nest_stage_runs(parent, stage, {"dvc.lock_md5": lock_hash(path, stage)})
         summary_md, card = write_summaries(path, results, preset, parent.run_id)
         parent.log_artifact(summary_md)
         parent.log_artifact(card.parent, "report")

@@ -2,17 +2,23 @@
 
 Stages get a `Tracker`; tests and `LMFORGE_TRACKING=off` get `NullTracker`, which does nothing.
 Where the runs go: `MLFLOW_TRACKING_URI` if set, else a SQLite file and an artifact folder in the
-project (`mlflow.db`, `mlartifacts/`), so no server is needed. A flow opens a parent run and exports
-its id in `LMFORGE_PARENT_RUN_ID`; each stage's run (named after the stage) nests under it. A stage
-run by `dvc repro` alone has no parent and is a top-level run.
+project (`mlflow.db`, `mlartifacts/`), so no server is needed.
+
+A stage run by `dvc repro` alone is a top-level run (nested under `LMFORGE_PARENT_RUN_ID` when that is
+set), written from a worker thread. Under a flow, the stage process never imports MLflow: it writes its
+calls to a journal (`LMFORGE_TRACKING_JOURNAL`), and the flow, whose MLflow client is already up,
+replays each stage's journal into a run nested under the flow's run while the next stage works.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import queue
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -20,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
 PARENT_ENV = "LMFORGE_PARENT_RUN_ID"
+JOURNAL_ENV = "LMFORGE_TRACKING_JOURNAL"  # set by a flow: its stages journal their calls there
 EXPERIMENT_ENV = "LMFORGE_EXPERIMENT"
 SWITCH_ENV = "LMFORGE_TRACKING"  # "off" disables tracking
 ROOT_ENV = "LMFORGE_ROOT"  # project folder holding the default store; the flow sets it for its stages
@@ -69,8 +76,8 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class MlflowTracker:
-    def __init__(self, client, run_id: str):
-        self.client, self.run_id = client, run_id
+    def __init__(self, client, run_id: str, experiment_id: str):
+        self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
 
     def log_params(self, params):
         from mlflow.entities import Param
@@ -104,6 +111,82 @@ class MlflowTracker:
 
     def _terminate(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)
+
+    def replay(self, journal: Path, tags: Mapping[str, str]) -> None:
+        """A run nested under this one from a stage's journal (then deleted), tagged with `tags` if it
+        finished; a journal without its "end" record (a killed process) makes a FAILED run."""
+        calls = []
+        for line in journal.read_text().splitlines():
+            try:
+                calls.append(json.loads(line))
+            except json.JSONDecodeError:  # the last line of a killed process
+                break
+        if not calls or calls[0]["op"] != "start":
+            return
+        start = calls[0]
+        run = self.client.create_run(self.experiment_id, run_name=start["name"], start_time=start["time"],
+                                     tags={**start["tags"], "mlflow.parentRunId": self.run_id})
+        child, status, end = MlflowTracker(self.client, run.info.run_id, self.experiment_id), "FAILED", None
+        for call in calls[1:]:
+            op = call["op"]
+            if op == "params":
+                child.log_params(call["data"])
+            elif op == "metrics":
+                child.log_metrics(call["data"], call["step"], call["time"])
+            elif op == "artifact":
+                child.log_artifact(journal.parent / call["path"], call["artifact_path"])
+            elif op == "tags":
+                child.set_tags(call["data"])
+            elif op == "end":
+                status, end = call["status"], call["time"]
+        if status == "FINISHED":  # the caller's tags (DVC's lock hash) describe the attempt that made the outputs
+            child.set_tags(tags)
+        self.client.set_terminated(run.info.run_id, status, end_time=end)
+        shutil.rmtree(journal.with_suffix(".artifacts"), ignore_errors=True)
+        journal.unlink()
+
+
+class JournalTracker:
+    """A stage's tracking calls as JSON lines, replayed into MLflow by the flow (`MlflowTracker.replay`).
+
+    Artifacts are copied at once: the stage moves its files when it publishes them.
+    """
+
+    run_id = None
+
+    def __init__(self, folder: Path, name: str, tags: Mapping[str, str]):
+        stem = f"{name}-{time.time_ns():020d}-{os.getpid()}"
+        self._path, self._artifacts = folder / f"{stem}.jsonl", folder / f"{stem}.artifacts"
+        self._fh = self._path.open("w")
+        self._n = 0
+        self._write("start", name=name, tags={k: str(v) for k, v in tags.items()}, time=int(time.time() * 1000))
+
+    def _write(self, op: str, **fields) -> None:
+        self._fh.write(json.dumps({"op": op, **fields}, default=str) + "\n")
+        self._fh.flush()
+
+    def log_params(self, params):
+        self._write("params", data=flatten(params))
+
+    def log_metrics(self, metrics, step=None):
+        self._write("metrics", data=flatten(metrics), step=step, time=int(time.time() * 1000))
+
+    def log_artifact(self, path, artifact_path=None):
+        path = Path(path)
+        if not path.exists():
+            return
+        self._n += 1
+        copy = self._artifacts / str(self._n) / path.name
+        copy.parent.mkdir(parents=True)
+        (shutil.copytree if path.is_dir() else shutil.copy2)(path, copy)
+        self._write("artifact", path=str(copy.relative_to(self._path.parent)), artifact_path=artifact_path)
+
+    def set_tags(self, tags):
+        self._write("tags", data={k: str(v) for k, v in tags.items()})
+
+    def close(self, status: str) -> None:
+        self._write("end", status=status, time=int(time.time() * 1000))
+        self._fh.close()
 
 
 class BackgroundTracker:
@@ -169,11 +252,16 @@ class BackgroundTracker:
     def set_tags(self, tags):
         self._call("set_tags", dict(tags))
 
+    def replay(self, journal: Path, tags: Mapping[str, str]) -> None:
+        self._call("replay", journal, dict(tags))
+
     def close(self, status: str) -> None:
         """Finish the run with `status` once every queued call is done, and stop the worker."""
-        self._call("_terminate", status, wait=True)
-        self._calls.put(None)
-        self._worker.join()
+        try:
+            self._call("_terminate", status, wait=True)
+        finally:  # also when tracking failed: the worker must not outlive the run (a served flow runs many)
+            self._calls.put(None)
+            self._worker.join()
 
 
 # ------------------------------------------------------------------------------------------- set-up
@@ -222,13 +310,19 @@ def _connect(name: str, tags: Mapping[str, str], parent: str | None, experiment:
     if parent:
         all_tags["mlflow.parentRunId"] = parent
     run = client.create_run(exp_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()})
-    return MlflowTracker(client, run.info.run_id)
+    return MlflowTracker(client, run.info.run_id, exp_id)
 
 
 @contextmanager
 def _run(name: str, tags: Mapping[str, str], parent: str | None, experiment: str | None) -> Iterator[BackgroundTracker]:
     experiment = experiment or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
-    tracker = BackgroundTracker(lambda: _connect(name, tags, parent, experiment))
+    with _closing(BackgroundTracker(lambda: _connect(name, tags, parent, experiment))) as tracker:
+        yield tracker
+
+
+@contextmanager
+def _closing(tracker):
+    """Close `tracker` FINISHED, or FAILED when the body raised (the body's error is the one raised)."""
     try:
         yield tracker
     except BaseException:
@@ -246,52 +340,48 @@ def stage_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | N
     if not enabled():
         yield NullTracker()
         return
-    with _run(stage, {"lmforge.stage": stage, **(tags or {})}, os.environ.get(PARENT_ENV), None) as tracker:
+    tags = {"lmforge.stage": stage, **(tags or {})}
+    journal = os.environ.get(JOURNAL_ENV)
+    if journal:
+        tracker = JournalTracker(Path(journal), stage, {"lmforge.git_commit": git_commit(project_root()), **tags})
+        context = _closing(tracker)
+    else:
+        context = _run(stage, tags, os.environ.get(PARENT_ENV), None)
+    with context as tracker:
         tracker.log_params(params)
         yield tracker
 
 
 @contextmanager
 def flow_run(name: str, experiment: str, params: Mapping[str, Any]) -> Iterator[Tracker]:
-    """The parent run of one flow run. It connects in the background; `nest_children` (before the first
-    stage starts) waits for it and exports its id, by which the stages' runs nest under it."""
+    """The parent run of one flow run. It connects in the background; stage processes started inside
+    journal their calls, which `nest_stage_runs` replays into runs nested under it."""
     if not enabled():
         yield NullTracker()
         return
     os.environ[EXPERIMENT_ENV] = experiment
-    with _run(name, {"lmforge.flow": name}, None, experiment) as tracker:
-        tracker.log_params(params)
-        previous = os.environ.get(PARENT_ENV)
-        try:
+    journal = tempfile.mkdtemp(prefix="lmforge-journal-")
+    previous = os.environ.get(JOURNAL_ENV)
+    os.environ[JOURNAL_ENV] = journal
+    try:
+        with _run(name, {"lmforge.flow": name}, None, experiment) as tracker:
+            tracker.log_params(params)
             yield tracker
-        finally:
-            if previous is None:
-                os.environ.pop(PARENT_ENV, None)
-            else:
-                os.environ[PARENT_ENV] = previous
+    finally:  # the run is closed: every queued replay is done
+        if previous is None:
+            os.environ.pop(JOURNAL_ENV, None)
+        else:
+            os.environ[JOURNAL_ENV] = previous
+        shutil.rmtree(journal, ignore_errors=True)
 
 
-def nest_children(parent: Tracker) -> None:
-    """Make runs started from here on (stage processes included) children of `parent` (no-op untracked)."""
-    if parent.run_id:
-        os.environ[PARENT_ENV] = parent.run_id
-
-
-def tag_child(parent_run_id: str | None, stage: str, tags: Mapping[str, str]) -> None:
-    """Tag the latest child run of `stage` under a parent (the flow adds DVC's lock hash after a stage ran)."""
-    if not enabled() or not parent_run_id:
+def nest_stage_runs(parent: Tracker, stage: str, tags: Mapping[str, str] | None = None) -> None:
+    """Queue the journals of `stage` (one per attempt) for replay under `parent`; returns at once."""
+    folder = os.environ.get(JOURNAL_ENV)
+    if not isinstance(parent, BackgroundTracker) or not folder:
         return
-    client = _client()
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`lmforge.stage` = '{stage}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    for run in runs:
-        for k, v in tags.items():
-            client.set_tag(run.info.run_id, k, str(v))
+    for journal in sorted(Path(folder).glob(f"{stage}-*.jsonl")):
+        parent.replay(journal, tags or {})
 
 
 def stage_runs(parent_run_id: str) -> list[dict]:

@@ -11,35 +11,64 @@ def store(tmp_path, monkeypatch):
     monkeypatch.setenv("LMFORGE_ROOT", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("LMFORGE_PARENT_RUN_ID", raising=False)
+    monkeypatch.delenv("LMFORGE_TRACKING_JOURNAL", raising=False)
     return tmp_path
 
 
-def test_flow_run_nests_stage_runs_with_params_metrics_artifacts(store):
+def test_flow_run_nests_stage_runs_with_params_metrics_artifacts(store, monkeypatch):
     (store / "samples.txt").write_text("hello")
     with tracking.flow_run("lifecycle", "exp", {"preset": "tiny"}) as parent:
-        tracking.nest_children(parent)
-        with tracking.stage_run("pretrain", {"lr": 0.1, "sources": [{"name": "a"}]}) as t:
-            t.log_metrics({"loss": 2.0}, step=1)
-            t.log_metrics({"loss": 1.0, "nested": {"x": 3}}, step=2)
-            t.log_artifact(store / "samples.txt")
-        tracking.tag_child(parent.run_id, "pretrain", {"dvc.lock_md5": "abc"})
+        journal = __import__("os").environ["LMFORGE_TRACKING_JOURNAL"]
+        assert parent.run_id  # connected
+        # what a stage process does under the flow: no MLflow connection, its calls go to the journal
+        with monkeypatch.context() as patch:
+            patch.setattr(tracking, "_connect", lambda *a: pytest.fail("a stage under a flow connected to MLflow"))
+            with tracking.stage_run("pretrain", {"lr": 0.1, "sources": [{"name": "a"}]}) as t:
+                assert isinstance(t, tracking.JournalTracker)
+                t.log_metrics({"loss": 2.0}, step=1)
+                t.log_metrics({"loss": 1.0, "nested": {"x": 3}}, step=2)
+                t.log_artifact(store / "samples.txt")
+        (store / "samples.txt").unlink()  # the stage moved its outputs: the journal kept a copy
+        tracking.nest_stage_runs(parent, "pretrain", {"dvc.lock_md5": "abc"})
     children = tracking.stage_runs(parent.run_id)
     assert [c["name"] for c in children] == ["pretrain"]
     child = children[0]
     assert child["status"] == "FINISHED" and child["metrics"]["loss"] == 1.0 and child["metrics"]["nested.x"] == 3
-    assert child["tags"]["dvc.lock_md5"] == "abc"
+    assert child["tags"]["dvc.lock_md5"] == "abc" and child["tags"]["lmforge.stage"] == "pretrain"
+    client = tracking._client()
+    run_id = client.search_runs([client.get_run(parent.run_id).info.experiment_id],
+                                "tags.`lmforge.stage` = 'pretrain'")[0].info.run_id
+    assert [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)] == [
+        (1, 2.0), (2, 1.0)]
+    assert client.get_run(run_id).data.params["sources.0.name"] == "a"
     assert (store / "mlflow.db").exists()
     assert list((store / "mlartifacts").rglob("samples.txt"))
-    assert "LMFORGE_PARENT_RUN_ID" not in __import__("os").environ
+    assert "LMFORGE_TRACKING_JOURNAL" not in __import__("os").environ
+    assert not __import__("pathlib").Path(journal).exists()  # replayed and removed
 
 
 def test_failed_stage_is_marked_failed(store):
     with tracking.flow_run("lifecycle", "exp", {}) as parent:
-        tracking.nest_children(parent)
         with pytest.raises(RuntimeError):
             with tracking.stage_run("mix", {}):
                 raise RuntimeError("boom")
-    assert tracking.stage_runs(parent.run_id)[0]["status"] == "FAILED"
+        # a killed process leaves a journal without its end record, maybe with half a line
+        killed = tracking.JournalTracker(__import__("pathlib").Path(__import__("os").environ["LMFORGE_TRACKING_JOURNAL"]),
+                                         "mix", {"lmforge.stage": "mix"})
+        killed._fh.write('{"op": "metr')
+        killed._fh.close()
+        tracking.nest_stage_runs(parent, "mix", {"dvc.lock_md5": "abc"})
+    runs = tracking.stage_runs(parent.run_id)
+    assert [r["status"] for r in runs] == ["FAILED", "FAILED"]
+    assert not any("dvc.lock_md5" in r["tags"] for r in runs)  # the hash describes a finished attempt only
+
+
+def test_a_stage_alone_is_a_top_level_run(store):
+    with tracking.stage_run("mix", {"a": 1}) as t:
+        assert isinstance(t, tracking.BackgroundTracker)
+        t.log_metrics({"docs": 3.0})
+    run = tracking._client().get_run(t.run_id)
+    assert run.info.status == "FINISHED" and "mlflow.parentRunId" not in run.data.tags and run.data.metrics["docs"] == 3.0
 
 
 def test_off_switch_gives_null_tracker(monkeypatch, tmp_path):
