@@ -137,8 +137,9 @@ def stale(root: str, order: list[str]) -> list[str]:
         return sorted(repo.status(targets=order))
 
 
-def run_stages(path: Path, order: list[str], preset: str | None, experiment: str) -> list[dict]:
-    """Reproduce each stage in order under one MLflow parent run; write the summary and the report card."""
+def run_stages(path: Path, order: list[str], preset: str | None, experiment: str) -> tuple[list[dict], Path, Path]:
+    """Reproduce each stage in order under one MLflow parent run; write the summary and the report card.
+    Returns the results and the summary's and card's paths."""
     os.environ[tracking.ROOT_ENV] = str(path)  # the flow and its stages share one MLflow store
     # Stage commands say `python`: make it this interpreter, whatever PATH the scheduler gave us.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -157,7 +158,7 @@ def run_stages(path: Path, order: list[str], preset: str | None, experiment: str
         summary_md, card = write_summaries(path, results, preset, parent.run_id)
         parent.log_artifact(summary_md)
         parent.log_artifact(card.parent, "report")
-    return results
+    return results, summary_md, card
 
 
 def write_summaries(path: Path, results: list[dict], preset: str | None, run_id: str | None) -> tuple[Path, Path]:
@@ -165,7 +166,7 @@ def write_summaries(path: Path, results: list[dict], preset: str | None, run_id:
     (path / "out").mkdir(exist_ok=True)
     summary_md = path / "out" / "summary.md"
     summary_md.write_text(summary(path, results, preset, run_id))
-    card = path / "out" / "report" / "report.md"
+    card = report.card_path(path)
     if not report.up_to_date(path):
         report.write(path)
     return summary_md, card
@@ -183,13 +184,12 @@ def lifecycle(preset: str | None = None, stages: list[str] | None = None, experi
     load_params(path / "params.yaml")  # every section valid before any stage starts
     order = plan(path, stages)
     if stale(str(path), order):
-        results = run_stages(path, order, preset, experiment)
+        results, summary_md, card = run_stages(path, order, preset, experiment)
     else:  # nothing to rebuild, so nothing to track: no MLflow run, no stage tasks
         logger.info("every stage is up to date (dvc status): nothing to run")
         results = [{"stage": s, "ran": False, "seconds": 0.0} for s in order]
-        write_summaries(path, results, preset, None)
-    text, card = (path / "out" / "summary.md").read_text(), path / "out" / "report" / "report.md"
-    create_markdown_artifact(text + "\n" + card.read_text(), key="lifecycle-report",
+        summary_md, card = write_summaries(path, results, preset, None)
+    create_markdown_artifact(summary_md.read_text() + "\n" + card.read_text(), key="lifecycle-report",
                              description="stages run and skipped, and the report card (plots are in out/report/)")
     ran = [r["stage"] for r in results if r["ran"]]
     logger.info("ran: %s; skipped: %s", ", ".join(ran) or "none",

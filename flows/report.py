@@ -256,11 +256,14 @@ def write(root: str | Path = ".", title: str = "lmforge report card") -> Path:
     return path
 
 
+def card_path(root: str | Path = ".") -> Path:
+    return Path(root) / "out" / "report" / "report.md"
+
+
 def up_to_date(root: str | Path = ".") -> bool:
     """Whether out/report/report.md is newer than every stage's metrics: the card reads only the stages'
     outputs, so then it would come out the same (a flow run with every stage cached keeps it)."""
-    out = Path(root) / "out"
-    card = out / "report" / "report.md"
+    out, card = Path(root) / "out", card_path(root)
     if not card.exists():
         return False
     made = card.stat().st_mtime
