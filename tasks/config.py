@@ -155,7 +155,7 @@ class PretrainConfig(_Section):
     num_layers: int = F(4, "decoder layers")
     num_heads: int = F(4, "attention heads")
     num_kv_heads: int = F(4, "key/value heads (fewer than num_heads = grouped-query attention)")
-    intermediate_size: int = F(688, "MLP width (SwiGLU)")
+    intermediate_size: int = F(704, "MLP width (SwiGLU); multiples of 64 let every layer take 4-bit CPU kernels")
     seq_len: int = F(128, "tokens per packed training sequence (also the context length)")
     rope_theta: float = F(10000.0, "RoPE base frequency")
     tie_embeddings: bool = F(True, "share input embedding and output head weights")
@@ -282,6 +282,11 @@ class QuantizeConfig(_Section):
     compute_dtype: Literal["fp32", "bf16", "fp16"] = F("fp32", "nf4: dtype the dequantised weights are multiplied in")
     int8_threshold: float = F(6.0, "int8: activation outlier threshold kept in fp16 (LLM.int8 decomposition); 0 = pure int8", ge=0)
     skip_modules: list[str] = F(["lm_head"], "modules kept in full precision (embeddings are never quantised)")
+    nf4_unpackable: Literal["keep", "quantize"] = F(
+        "keep", "nf4: layers whose shape bitsandbytes' AVX512-BF16 CPU kernel cannot take (in_features % 64 or "
+        "out_features % 32 not 0): keep = full precision, the folder runs on any machine with plain transformers; "
+        "quantize = 4-bit anyway (GPUs, other CPUs, and lmforge's own loaders everywhere)"
+    )
     ppl_tokens: int = F(8192, "held-out tokens (val split, equal share per source) for perplexity; the same for every variant", gt=0)
     batch_size: int = F(8, "sequences per forward pass when measuring perplexity", gt=0)
     gen_prompt: str = F("The ", "fixed prompt for the generation-speed measurement")

@@ -36,7 +36,8 @@ from typing import get_args
 from tasks import benchmarks
 from tasks.config import EvaluateConfig
 from tasks.corpus import source_names
-from tasks.quantize import check_model_dir, load_causal_lm, pick_device
+from tasks.models import check_model_dir, load_causal_lm
+from tasks.runtime import pick_device
 from tasks.stage import InputError, cli, write_json
 
 log = logging.getLogger("lmforge.evaluate")
@@ -256,7 +257,6 @@ def evaluate_variant(name: str, model_dir: Path, task_dir: Path, extras, cfg: Ev
 
 def run(cfg: EvaluateConfig, *, corpus: Path, out: Path, tracker, **variant_dirs: Path | None) -> dict:
     """Evaluate the chosen model variants on lmforge's lm-eval benchmarks and write a comparison table."""
-    import torch
     from lm_eval.utils import handle_non_serializable
     from transformers import AutoTokenizer
 
@@ -274,9 +274,7 @@ def run(cfg: EvaluateConfig, *, corpus: Path, out: Path, tracker, **variant_dirs
         if "cloze" in cfg.tasks and cfg.cloze_source not in sources:
             raise InputError(f"{corpus}/val: no source {cfg.cloze_source!r} for the cloze task "
                              f"(sources: {', '.join(sources) or 'none'}; set evaluate.cloze_source)")
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, "evaluate", cfg.num_threads)
     _cache_env_info()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-request chatter; our own lines say what matters
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

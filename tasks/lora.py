@@ -15,12 +15,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tasks import chat
+from tasks import chat, lowbit
 from tasks.config import LoraConfig
 from tasks.posttrain_data import conversations
 from tasks.sft import (
     answer_accuracy, finetune, load_tokenizer, set_generation_defaults, setup_device, training_conversations,
 )
+from tasks.models import ready_lowbit
 from tasks.stage import InputError, cli, write_meta
 
 
@@ -38,18 +39,15 @@ def load_base(base: Path, cfg: LoraConfig, device: str):
 
     if not cfg.qlora:
         return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as err:  # an environment problem, reported like bad input
-        raise InputError(f"qlora needs bitsandbytes, which does not import here ({err}); set lora.qlora: false") from None
+    why = lowbit.available()
+    if why:  # an environment problem, reported like bad input
+        raise InputError(f"qlora needs bitsandbytes, which does not import here ({why}); set lora.qlora: false")
     from peft import prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig
 
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32,
-    )
+    quant = lowbit.bnb_config("nf4", skip=None, compute_dtype="bf16" if device == "cuda" else "fp32")
     model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, device_map={"": device})
+    # training runs the 4-bit layers through bitsandbytes' generic path: its packed CPU kernel has no gradient
+    ready_lowbit(model, device, training=True)
     # fp32 norms and input grads, so the adapters get gradients through the frozen 4-bit layers
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 

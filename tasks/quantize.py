@@ -8,75 +8,31 @@ on the same held-out tokens, and greedy generation speed on the current device. 
 holds the figures and their ratios to fp32 for plots.
 
 bitsandbytes >= 0.46 runs both methods on CPU. There int8 is slower than fp32 (activations are
-cast to fp16 and quantised per call); nf4 dequantises to `compute_dtype` and stays close.
+cast to fp16 and quantised per call); nf4 dequantises to `compute_dtype` and stays close. On CPUs with
+AVX512-BF16 bitsandbytes runs 4-bit layers through a packed kernel that only takes some shapes
+(tasks/lowbit.py); by default (`nf4_unpackable: keep`) the layers it cannot take stay in full precision,
+named in the folder's lmforge.json and counted in the metrics, so every saved folder runs everywhere.
 """
 
 from __future__ import annotations
 
 import csv
 import gc
-import logging
 import math
 import sys
 import time
 from pathlib import Path
 
+from tasks import lowbit
 from tasks.config import QuantizeConfig
 from tasks.corpus import iter_texts, source_names
+from tasks.models import check_model_dir, is_quantized, load_causal_lm, weight_bytes
+from tasks.runtime import pick_device
 from tasks.stage import InputError, cli, write_meta
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 BITS = {"fp32": 32, "int8": 8, "nf4": 4}
-BNB_LAYERS = ("Linear8bitLt", "Linear4bit")
 CSV_FIELDS = ("variant", "bits", "size_bytes", "memory_footprint_bytes", "perplexity", "tokens_per_s",
               "size_ratio", "footprint_ratio", "ppl_ratio", "speed_ratio")
-
-
-# ------------------------------------------------------------------------------ shared with evaluate
-def pick_device(name: str):
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("device: cuda requested but torch sees no CUDA device")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
-
-
-def quiet_bitsandbytes() -> None:
-    # bnb logs "MatMul8bitLt: inputs will be cast from torch.float32 to float16" on every int8 matmul
-    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
-
-
-def check_model_dir(path: str | Path, what: str) -> Path:
-    """A saved causal LM with its tokenizer, or InputError naming what is missing."""
-    path = Path(path)
-    if not path.is_dir():
-        raise InputError(f"missing {what}: {path} does not exist (run the stage that produces it first)")
-    if not (path / "config.json").is_file():
-        raise InputError(f"{what}: {path} has no config.json (not a saved model)")
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        raise InputError(f"{what}: {path} has no tokenizer (tokenizer.json) beside the model")
-    if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
-        raise InputError(f"{what}: {path} has no weight files (*.safetensors)")
-    return path
-
-
-def load_causal_lm(path: str | Path, device, **kwargs):
-    """A model dir, quantised or not, on `device` in eval mode (a quantisation_config in config.json applies itself)."""
-    from transformers import AutoModelForCausalLM
-
-    quiet_bitsandbytes()
-    if device.type == "cuda":  # bnb weights must be placed at load time; .to() is refused for them
-        kwargs.setdefault("device_map", {"": device.index or 0})
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()  # on CPU by default
-
-
-def is_quantized(model) -> bool:
-    return any(type(m).__name__ in BNB_LAYERS for m in model.modules())
-
-
-def weight_bytes(model_dir: str | Path) -> int:
-    """Bytes of the weight files in a model dir (config and tokenizer excluded)."""
-    return sum(p.stat().st_size for p in Path(model_dir).iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
 
 
 # ----------------------------------------------------------------------------------- measurements
@@ -155,18 +111,26 @@ def measure(model, model_dir: Path, tokenizer, tokens, cfg: QuantizeConfig) -> d
     }
 
 
-def bnb_config(method: str, cfg: QuantizeConfig):
-    import torch
-    from transformers import BitsAndBytesConfig
+def plan_skips(model, method: str, cfg: QuantizeConfig) -> tuple[list[str], list[str]]:
+    """(modules kept in full precision, of which those kept only because bitsandbytes' packed AVX512-BF16 CPU
+    kernel cannot take their shape). int8 has no such rule; nf4 follows quantize.nf4_unpackable."""
+    from transformers.quantizers.base import get_keys_to_not_convert
 
-    skip = list(cfg.skip_modules) or None  # None: transformers' default (the output head)
-    if method == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=cfg.int8_threshold, llm_int8_skip_modules=skip)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.compute_dtype]
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=cfg.double_quant,
-        bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip,
-    )
+    skip = list(cfg.skip_modules) or get_keys_to_not_convert(model)  # default: the output head
+    if method != "nf4" or cfg.nf4_unpackable == "quantize":
+        return skip, []
+    odd = lowbit.unpackable_linears(model, skip)
+    return skip + odd, odd
+
+
+def lowbit_share(model, skip: list[str]) -> float:
+    """Share of the model's (unique) parameters that sit in low-bit linear layers."""
+    import torch
+
+    total = sum(p.numel() for p in model.parameters())
+    low = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+              and not any(n == s or n.endswith("." + s) for s in skip))
+    return round(low / total, 4)
 
 
 def _free(model) -> None:
@@ -197,9 +161,7 @@ def run(cfg: QuantizeConfig, *, model: Path, corpus: Path, out: Path, tracker) -
     source = check_model_dir(model, "model to quantise")
     if "quantization_config" in json.loads((source / "config.json").read_text()):
         raise InputError(f"{source}/config.json: the model is already quantised; pass a full-precision model")
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, "quantize", cfg.num_threads)
     tokenizer = AutoTokenizer.from_pretrained(source)
     tokens = heldout_tokens(corpus, tokenizer, cfg.ppl_tokens)
     if len(tokens) < 2:
@@ -209,12 +171,27 @@ def run(cfg: QuantizeConfig, *, model: Path, corpus: Path, out: Path, tracker) -
     metrics: dict[str, dict] = {}
     fp32 = load_causal_lm(source, device, dtype=torch.float32)
     metrics["fp32"] = {"bits": 32, **measure(fp32, source, tokenizer, tokens, cfg)}
+    plans = {method: plan_skips(fp32, method, cfg) for method in cfg.methods}
+    shares = {method: lowbit_share(fp32, plans[method][0]) for method in cfg.methods}
     _free(fp32)
     print(f"quantize: fp32 {metrics['fp32']}", file=sys.stderr)
+    for method, (_, odd) in plans.items():
+        if odd and shares[method] == 0:
+            raise InputError(
+                f"quantize: no linear layer of {source} fits bitsandbytes' packed 4-bit CPU kernel (in_features a "
+                f"multiple of {lowbit.BLOCKSIZE_4BIT}, out_features of {lowbit.PACK_ROWS}); set quantize.nf4_unpackable: "
+                "quantize, or give the model such widths (pretrain.hidden_size, intermediate_size)")
+        if odd:
+            print(f"quantize: {method}: {len(odd)} layer(s) stay in full precision, their shape does not fit "
+                  f"bitsandbytes' packed AVX512-BF16 CPU kernel ({', '.join(odd[:4])}{', ...' if len(odd) > 4 else ''}; "
+                  "quantize.nf4_unpackable: quantize converts them anyway)", file=sys.stderr)
 
     for method in cfg.methods:
         start = time.perf_counter()
-        quantized = load_causal_lm(source, device, dtype=torch.float32, quantization_config=bnb_config(method, cfg))
+        skip, odd = plans[method]
+        qconfig = lowbit.bnb_config(method, skip=skip, compute_dtype=cfg.compute_dtype, double_quant=cfg.double_quant,
+                                    int8_threshold=cfg.int8_threshold)
+        quantized = load_causal_lm(source, device, dtype=torch.float32, quantization_config=qconfig)
         target = out / method
         quantized.save_pretrained(target)
         tokenizer.save_pretrained(target)
@@ -224,7 +201,10 @@ def run(cfg: QuantizeConfig, *, model: Path, corpus: Path, out: Path, tracker) -
         reloaded = load_causal_lm(target, device)
         if not is_quantized(reloaded):
             raise RuntimeError(f"{target} reloaded without bitsandbytes layers; its quantization_config was not applied")
-        m = {"bits": BITS[method], **measure(reloaded, target, tokenizer, tokens, cfg), "quantize_s": round(seconds, 2)}
+        layers = lowbit.count_layers(reloaded)
+        m = {"bits": BITS[method], **measure(reloaded, target, tokenizer, tokens, cfg), "quantize_s": round(seconds, 2),
+             "lowbit_layers": layers["int8"] + layers["4bit"], "full_precision_layers": layers["full"],
+             "kept_for_cpu_kernel": len(odd), "lowbit_param_share": shares[method]}
         _free(reloaded)
         metrics[method] = m
         print(f"quantize: {method} {m}", file=sys.stderr)
@@ -237,7 +217,8 @@ def run(cfg: QuantizeConfig, *, model: Path, corpus: Path, out: Path, tracker) -
         m["speed_ratio"] = round(m["tokens_per_s"] / base["tokens_per_s"], 4)
     for method in cfg.methods:
         write_meta(out / method, "quantize", cfg, metrics[method], inputs, method=method, device=device.type,
-                   heldout_tokens=len(tokens))
+                   heldout_tokens=len(tokens), full_precision_modules=plans[method][0],
+                   kept_for_cpu_kernel=plans[method][1])
     write_tradeoff(out / "tradeoff.csv", metrics)
     tracker.log_artifact(out / "tradeoff.csv")
     return {**metrics, "heldout_tokens": len(tokens), "device": device.type}

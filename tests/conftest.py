@@ -51,23 +51,9 @@ def tiny_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A saved tiny LlamaForCausalLM with the tokenizer beside it, like out/pretrain/model."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    tok = tiny_tokenizer
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    """A saved tiny LlamaForCausalLM with the tokenizer beside it, like out/pretrain/model. Its widths fit
+    every bitsandbytes kernel (multiples of 64); odd_model_dir has one that does not."""
+    return save_llama(tmp_path_factory.mktemp("tiny") / "model", tiny_tokenizer, hidden=64, intermediate=128)
 
 
 def write_corpus(root: Path, n_docs: int = 300) -> Path:
@@ -104,3 +90,67 @@ def tiny_tokenizer_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     path = tmp_path_factory.mktemp("tok") / "tokenizer"
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+# ------------------------------------------------------------------------ bitsandbytes' two CPU paths
+def _emulated_packed_gemv(original):
+    """bitsandbytes' packed AVX512-BF16 4-bit kernel in plain torch: unpack the repacked weight, scale each
+    64-wide block by its (bf16) absmax, multiply. Lets a CPU without the instruction set run every step of
+    the packed path (the weight repacking, its shape rules, save/reload) except the native kernel itself.
+    Like the native op it has no gradient: its output is detached from the input."""
+    import torch
+
+    @torch.no_grad()
+    def gemv_4bit(A, B, out=None, transposed_A=False, transposed_B=False, state=None):
+        if not getattr(state, "packing_format_for_cpu", False):
+            return original(A, B, out=out, transposed_A=transposed_A, transposed_B=transposed_B, state=state)
+        n, k = state.shape
+        packed = B.reshape(-1, 32)
+        idx = torch.cat([packed & 0xF, (packed >> 4) & 0xF], dim=-1)
+        idx = idx.reshape(n // 32, k // 2, 32, 2).transpose(-3, -2).reshape(n, k)
+        weight = state.code.float()[idx.long()] * state.absmax.float().T.repeat_interleave(state.blocksize, dim=1)
+        result = torch.nn.functional.linear(A.float(), weight).to(A.dtype)
+        return out.copy_(result) if out is not None else result
+
+    return gemv_4bit
+
+
+@pytest.fixture(params=["generic", "packed"])
+def cpu_4bit_path(request, monkeypatch):
+    """Run the test on one of bitsandbytes' two 4-bit CPU paths, whatever this CPU has: `generic`
+    (dequantise per matmul: CPUs without AVX512-BF16, and training) or `packed` (eval-mode inference on
+    CPUs with AVX512-BF16). Where the CPU lacks the instruction set the packed kernel is emulated (see
+    _emulated_packed_gemv); returns (path, "native" | "emulated")."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnb_functional
+    import bitsandbytes.nn.modules as bnb_modules
+
+    native = bool(bnb_functional.has_avx512bf16())
+    packed = request.param == "packed"
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: packed)  # read by each Linear4bit at build
+    if packed and not native:
+        monkeypatch.setattr(bnb_functional, "gemv_4bit", _emulated_packed_gemv(bnb_functional.gemv_4bit))
+    return request.param, "native" if native or not packed else "emulated"
+
+
+def save_llama(path: Path, tok, hidden: int, intermediate: int, layers: int = 2, heads: int = 2, kv_heads: int = 2) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def odd_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny Llama whose MLP width (96) the packed 4-bit CPU kernel cannot take as an input (down_proj:
+    96 % 64 != 0), while its other layers fit: the mixed case a user's model shape produces."""
+    return save_llama(tmp_path_factory.mktemp("odd") / "model", tiny_tokenizer, hidden=64, intermediate=96, layers=1)
