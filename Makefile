@@ -4,18 +4,38 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PRESET ?=
+# the Python versions the pinned stack installs and passes its tests on (README: Supported Pythons)
+PY_MIN := 3.11
+PY_MAX := 3.13
 export PATH := $(abspath $(BIN)):$(PATH)
+
+# An unsupported Python stops `make` at once, in one line, before anything is built.
+ifeq ($(wildcard $(BIN)/python),)
+ifneq ($(filter-out clean,$(or $(MAKECMDGOALS),env)),)
+ifneq ($(shell $(PYTHON) -c 'import sys; print(int((3, 11) <= sys.version_info[:2] <= (3, 13)))' 2>/dev/null),1)
+$(error lmforge needs Python $(PY_MIN) to $(PY_MAX), and $(PYTHON) is $(or $(shell $(PYTHON) -V 2>/dev/null),not found): point PYTHON= at a supported one, e.g. make $(or $(firstword $(MAKECMDGOALS)),run) PYTHON=python3.12)
+endif
+endif
+endif
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test bench env params ui serve clean
+.PHONY: run test test-fast test-compat bench env params ui serve doctor clean
 
-# The environment: the CPU torch wheel first (a plain `torch` would pull the CUDA build), then the
-# project with the known-good lock as constraints.
+# The environment: uv (bootstrapped from the registry into the venv; pip where it cannot be had) installs the
+# CPU torch wheel first (a plain `torch` would pull the CUDA build), then the project, both under the lock.
+# PIP_FIND_LINKS, where a machine sets it, is where a local torch wheel lies; uv is told about it too.
 $(STAMP): pyproject.toml infra/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c infra/constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install -q -c infra/constraints.txt -e '.[dev]'
+	@if $(BIN)/python -m pip install -q uv 2>/dev/null; then \
+		echo "installing with uv"; \
+		$(BIN)/uv pip install -q --python $(BIN)/python $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) \
+			-c infra/constraints.txt torch==2.13.0 -e '.[dev]'; \
+	else \
+		echo "uv unavailable: installing with pip (slower)"; \
+		$(BIN)/python -m pip install -q --upgrade pip && \
+		$(BIN)/python -m pip install -q -c infra/constraints.txt torch==2.13.0 && \
+		$(BIN)/python -m pip install -q -c infra/constraints.txt -e '.[dev]'; \
+	fi
 	touch $@
 
 env: $(STAMP)
@@ -27,9 +47,22 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Everything but the slow integration tests (the real flow end to end): a developer's inner loop.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Another supported Python in its own venv (CI runs 3.12 and 3.13 this way): the unit tests on it.
+test-compat: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
+
 bench: $(STAMP)
-	$(BIN)/python -m pip install -q -c infra/constraints.txt -e '.[bench]'
+	$(BIN)/uv pip install -q --python $(BIN)/python -c infra/constraints.txt -e '.[bench]' 2>/dev/null \
+		|| $(BIN)/python -m pip install -q -c infra/constraints.txt -e '.[bench]'
 	$(BIN)/python -m bench
+
+# What this machine offers and what lmforge will use, on one screen.
+doctor: $(STAMP)
+	@$(BIN)/python -m tasks.doctor
 
 # Rewrite params.yaml from a preset without running anything.
 params: $(STAMP)

@@ -14,7 +14,7 @@ import pytest
 from tasks.config import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _copy_project(dest: Path) -> None:

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tasks.config import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +25,7 @@ def test_dvc_yaml_is_valid_and_names_the_nine_stages():
         assert any(str(o.def_path).endswith(f"out/{name}/metrics.json") for o in stage.outs), name
 
 
+@pytest.mark.slow
 def test_every_stage_command_has_help():
     for name in STAGES:
         out = subprocess.run([sys.executable, "-m", f"tasks.{name}", "--help"], cwd=ROOT, capture_output=True, text=True)
