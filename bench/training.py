@@ -94,14 +94,14 @@ def run_pretrain_baseline(ctx: Context) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from tasks import pretrain
+    from tasks import lm
 
     cfg = pretrain_config(ctx)
     corpus, tok_dir = ctx.data()
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    device, amp_dtype = pretrain.resolve_device(cfg)
-    data = torch.from_numpy(pretrain.tokenize_split(tok, corpus, "train").astype(np.int64))
-    model = pretrain.build_model(cfg, tok).to(device)
+    device, amp_dtype = lm.resolve_device(cfg)
+    data = torch.from_numpy(lm.tokenize_split(tok, corpus, "train").astype(np.int64))
+    model = lm.build_model(cfg, tok).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             weight_decay=cfg.weight_decay, fused=device.type == "cuda")
@@ -133,7 +133,7 @@ def run_pretrain_baseline(ctx: Context) -> dict:
     tokens = ctx.sizes.pretrain_steps * cfg.batch_size * cfg.seq_len
     return {
         "tokens_per_s": tokens / seconds,
-        "flops_per_token": pretrain.flops_per_token(model, cfg.seq_len),
+        "flops_per_token": lm.flops_per_token(model, cfg.seq_len),
         "n_params": sum(p.numel() for p in model.parameters()),
         "device": device.type,
         "dtype": "bf16" if amp_dtype is not None else "fp32",

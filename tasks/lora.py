@@ -17,11 +17,10 @@ from pathlib import Path
 
 from tasks import chat, lowbit
 from tasks.config import LoraConfig
+from tasks.finetune import answer_accuracy, finetune, training_conversations
+from tasks.models import load_tokenizer, ready_lowbit, set_generation_defaults
 from tasks.posttrain_data import conversations
-from tasks.sft import (
-    answer_accuracy, finetune, load_tokenizer, set_generation_defaults, setup_device, training_conversations,
-)
-from tasks.models import ready_lowbit
+from tasks.runtime import pick_device
 from tasks.stage import InputError, cli, write_meta
 
 
@@ -60,7 +59,7 @@ def run(cfg: LoraConfig, *, base: Path, out: Path, tracker) -> dict:
     from transformers import AutoModelForCausalLM, set_seed
 
     train_convs = training_conversations(cfg)  # validates user data before anything heavy is loaded
-    device = setup_device(cfg)
+    device = pick_device(cfg.device, "lora", cfg.num_threads).type
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(base)
     model = load_base(base, cfg, device)

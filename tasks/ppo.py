@@ -24,7 +24,10 @@ import torch
 from tasks import posttrain_data, ppo_backend
 from tasks.chat import END
 from tasks.config import PpoConfig
-from tasks.reward import ACCURACY_KEY, OnLog, load_reward_model, load_tokenizer, resolve_device, score_ids
+from tasks.callbacks import OnLog
+from tasks.models import load_tokenizer
+from tasks.runtime import pick_device
+from tasks.scoring import ACCURACY_KEY, load_reward_model, score_ids
 from tasks.stage import META_FILE, InputError, cli, read_json, write_meta
 from tasks.tracking import Tracker
 
@@ -145,9 +148,7 @@ def run(cfg: PpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker:
     prompts = training_prompts(cfg)
     test = posttrain_data.prompts("test", cfg.test_prompts, cfg.seed)
 
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    device = resolve_device(cfg.device, "ppo")
+    device = pick_device(cfg.device, "ppo", cfg.num_threads)
     model = load_policy(policy).to(device)
     ref = load_policy(policy).to(device).eval().requires_grad_(False)
     rm = load_reward_model(reward_model, tok.pad_token_id).to(device).eval().requires_grad_(False)

@@ -26,66 +26,13 @@ from tqdm import tqdm
 
 from tasks import chat
 from tasks.config import PretrainConfig
-from tasks.corpus import iter_texts, source_names
+from tasks.corpus import source_names
+from tasks.lm import build_model, eval_windows, flops_per_token, lr_at, param_groups, resolve_device, tokenize_split
 from tasks.stage import InputError, cli, write_meta
 from tasks.tracking import Tracker
 
 
-# ---------------------------------------------------------------------------------------------- data
-def tokenize_split(tokenizer, corpus: Path, split: str, source: str | None = None) -> np.ndarray:
-    """All documents of a split as one flat token array, each document followed by eos."""
-    ids: list[np.ndarray] = []
-    batch: list[str] = []
-
-    def flush():
-        for row in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-            ids.append(np.asarray(row + [tokenizer.eos_token_id], dtype=np.int32))
-        batch.clear()
-
-    for text in iter_texts(corpus, split, source):
-        batch.append(text)
-        if len(batch) == 512:
-            flush()
-    if batch:
-        flush()
-    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
-
-
-def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int) -> torch.Tensor:
-    """Non-overlapping windows from the start of held-out tokens: the same ones every evaluation."""
-    n = min(max_windows, (len(tokens) - 1) // seq_len)
-    if n == 0:  # a source with little held-out text still gets one (shorter) window
-        return torch.from_numpy(tokens[None, :].astype(np.int64))
-    return torch.from_numpy(tokens[: n * seq_len + 1].astype(np.int64)).unfold(0, seq_len + 1, seq_len)[:n]
-
-
 # --------------------------------------------------------------------------------------------- model
-def build_model(cfg: PretrainConfig, tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if cfg.hidden_size % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads:
-        raise InputError(
-            f"pretrain.hidden_size ({cfg.hidden_size}) must divide by num_heads ({cfg.num_heads}), "
-            f"and num_heads by num_kv_heads ({cfg.num_kv_heads})"
-        )
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.seq_len,
-        rope_theta=cfg.rope_theta,
-        tie_word_embeddings=cfg.tie_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(cfg.seed)
-    return LlamaForCausalLM(config)
-
-
 def base_tokenizer(cfg: PretrainConfig):
     """init_from's tokenizer with lmforge's chat tokens and template, so later stages work unchanged."""
     from transformers import AutoConfig, AutoTokenizer
@@ -119,37 +66,6 @@ def load_base(cfg: PretrainConfig, tokenizer):
         holder.bos_token_id, holder.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
         holder.pad_token_id = tokenizer.pad_token_id
     return model
-
-
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """Decay matrices only; norms and biases keep their scale."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
-
-
-def lr_at(step: int, cfg: PretrainConfig) -> float:
-    """Linear warm-up to lr, then cosine decay to lr * min_lr_ratio at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def resolve_device(cfg: PretrainConfig) -> tuple[torch.device, torch.dtype | None]:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise InputError("pretrain.device is 'cuda' but no CUDA device is available")
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
-    if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda"):
-        return device, torch.bfloat16
-    return device, None  # fp32
-
-
-def flops_per_token(model, seq_len: int) -> float:
-    """6N for the matmuls (embedding lookup excluded, tied head included) plus attention's 12*L*d*T."""
-    cfg = model.config
-    n = sum(p.numel() for p in model.parameters()) - (0 if cfg.tie_word_embeddings else model.get_input_embeddings().weight.numel())
-    return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
 
 
 # ------------------------------------------------------------------------------------------ training

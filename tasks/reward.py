@@ -18,92 +18,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import TrainerCallback
 
 from tasks import posttrain_data
+from tasks.callbacks import OnLog, numbers
 from tasks.config import RewardConfig
+from tasks.models import load_tokenizer
+from tasks.runtime import pick_device
+from tasks.scoring import load_reward_model, score_conversations
 from tasks.stage import InputError, cli, write_meta
 from tasks.tracking import Tracker
-
-ACCURACY_KEY = "test_accuracy"  # the held-out pairwise accuracy the ppo stage's quality gate reads
-
-
-# -------------------------------------------------------------------------------------------- shared
-def resolve_device(choice: str, stage: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"{stage}.device is 'cuda' but no CUDA device is available")
-    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
-
-
-def load_tokenizer(model_dir: Path):
-    """The tokenizer saved beside a model, checked for what post-training needs."""
-    from transformers import AutoTokenizer
-
-    if not (Path(model_dir) / "tokenizer_config.json").exists():
-        raise InputError(f"{model_dir}: no tokenizer beside the model (tokenizer_config.json missing)")
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    if not tok.chat_template or tok.pad_token_id is None:
-        raise InputError(f"{model_dir}: tokenizer lacks a chat template or a pad token")
-    return tok
-
-
-def load_reward_model(path: Path, pad_token_id: int):
-    """A sequence classifier with one output; from a causal LM dir the score head starts random."""
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the "score.weight newly initialised" report is expected here
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, pad_token_id=pad_token_id)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    model.config.pad_token_id = pad_token_id  # where the classifier finds each sequence's last token
-    return model
-
-
-@torch.no_grad()
-def score_ids(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 64) -> torch.Tensor:
-    """Reward of each token sequence (read at its last token), right-padded in batches."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in range(0, len(sequences), batch_size):
-        chunk = sequences[i : i + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, s in enumerate(chunk):
-            ids[j, : len(s)] = torch.tensor(s)
-            mask[j, : len(s)] = 1
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
-        out.append(logits[:, 0].float().cpu())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
-
-
-def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation through the chat template, exactly as RewardTrainer tokenizes it."""
-    return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-
-
-def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 64) -> torch.Tensor:
-    return score_ids(model, [chat_ids(tokenizer, c) for c in conversations], tokenizer.pad_token_id, batch_size)
-
-
-class OnLog(TrainerCallback):
-    """Hands each log of a transformers/TRL trainer and its step to `fn`: how their curves reach our tracker."""
-
-    def __init__(self, fn: Callable[[int, dict], None]):
-        self.fn = fn
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs:
-            self.fn(state.global_step, dict(logs))
-
-
-def numbers(logs: dict, prefix: str = "") -> dict[str, float]:
-    return {prefix + k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -196,9 +119,7 @@ def run(cfg: RewardConfig, *, sft: Path, out: Path, tracker: Tracker) -> dict:
     test = posttrain_data.preference_pairs("test", cfg.test_pairs, cfg.seed)
     cases = ground_truth_cases(posttrain_data.prompts("test", cfg.gt_prompts, cfg.seed + 1), cfg.seed)
 
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    device = resolve_device(cfg.device, "reward")
+    device = pick_device(cfg.device, "reward", cfg.num_threads)
     torch.manual_seed(cfg.seed)  # the new score head
     model = load_reward_model(sft, tok.pad_token_id).to(device)
     n_params = sum(p.numel() for p in model.parameters())

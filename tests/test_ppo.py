@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tasks import posttrain_data, ppo, reward
+from tasks import posttrain_data, ppo, reward, scoring
 from tasks.config import ConfigError, PpoConfig, RewardConfig, parse_section
 from tasks.stage import META_FILE, InputError, execute, read_json, write_meta
 from tasks.tracking import NullTracker
@@ -33,9 +33,9 @@ def reward_dir(tiny_model_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("rm") / "model"
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
-    reward.load_reward_model(tiny_model_dir, tok.pad_token_id).save_pretrained(path)
+    scoring.load_reward_model(tiny_model_dir, tok.pad_token_id).save_pretrained(path)
     tok.save_pretrained(path)
-    write_meta(path, "reward", RewardConfig(), {reward.ACCURACY_KEY: 0.9})
+    write_meta(path, "reward", RewardConfig(), {scoring.ACCURACY_KEY: 0.9})
     return path
 
 

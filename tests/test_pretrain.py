@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tasks import pretrain
+from tasks import lm, pretrain
 from tasks.config import PretrainConfig, parse_section
 from tasks.stage import InputError, execute
 from tasks.tracking import NullTracker
@@ -21,10 +21,10 @@ def cfg(**over):
 
 def test_lr_schedule_warms_up_then_decays_to_floor():
     c = PretrainConfig(lr=1.0, warmup_steps=10, max_steps=100, min_lr_ratio=0.1)
-    lrs = [pretrain.lr_at(s, c) for s in range(100)]
+    lrs = [lm.lr_at(s, c) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    assert pretrain.lr_at(100, c) == pytest.approx(0.1)
+    assert lm.lr_at(100, c) == pytest.approx(0.1)
 
 
 def test_loss_falls_and_model_loads(tmp_path, tiny_corpus, tiny_tokenizer_dir):
@@ -50,9 +50,9 @@ def test_loss_falls_and_model_loads(tmp_path, tiny_corpus, tiny_tokenizer_dir):
 def test_resume_continues_the_same_run_only(tmp_path, tiny_corpus, tiny_tokenizer_dir):
     c = cfg(max_steps=20)
     tok = __import__("transformers").AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    train = pretrain.tokenize_split(tok, tiny_corpus, "train")
-    model = pretrain.build_model(c, tok)
-    opt = torch.optim.AdamW(pretrain.param_groups(model, c.weight_decay))
+    train = lm.tokenize_split(tok, tiny_corpus, "train")
+    model = lm.build_model(c, tok)
+    opt = torch.optim.AdamW(lm.param_groups(model, c.weight_decay))
     rng = torch.Generator().manual_seed(0)
     history = {"train": [], "val": [{"step": 0, "val_loss": 9.0}]}
     pretrain.save_checkpoint(tmp_path / "ckpt", 10, model, opt, rng, pretrain.fingerprint(c, train), history)

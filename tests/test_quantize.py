@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tasks import quantize, tracking
+from tasks import models, quantize, tracking
 from tasks.config import QuantizeConfig
 from tasks.stage import InputError, execute
 
@@ -41,7 +41,7 @@ def test_variant_loads_quantised_with_plain_transformers(quantized, tiny_model_d
     assert json.loads((folder / "config.json").read_text())["quantization_config"]["quant_method"] == "bitsandbytes"
     model = AutoModelForCausalLM.from_pretrained(folder)  # no quantization_config passed: config.json carries it
     assert any(type(m).__name__ == layer for m in model.modules())
-    assert quantize.weight_bytes(folder) < quantize.weight_bytes(tiny_model_dir)
+    assert models.weight_bytes(folder) < models.weight_bytes(tiny_model_dir)
     assert model.get_memory_footprint() < AutoModelForCausalLM.from_pretrained(tiny_model_dir).get_memory_footprint()
 
     tok = AutoTokenizer.from_pretrained(folder)  # the tokenizer and chat template travel with it

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tasks import posttrain_data, reward
+from tasks import posttrain_data, reward, scoring
 from tasks.config import RewardConfig
 from tasks.stage import META_FILE, InputError, execute, read_json
 from tasks.tracking import NullTracker
@@ -42,7 +42,7 @@ def test_metrics_before_and_after(trained):
     assert math.isfinite(metrics["train_loss"])
     assert read_json(out / "metrics.json")["test_accuracy"] == metrics["test_accuracy"]
     meta = read_json(out / "model" / META_FILE)
-    assert meta["stage"] == "reward" and meta["metrics"][reward.ACCURACY_KEY] == metrics["test_accuracy"]
+    assert meta["stage"] == "reward" and meta["metrics"][scoring.ACCURACY_KEY] == metrics["test_accuracy"]
 
 
 def test_training_fits_the_pairs(trained):
@@ -65,7 +65,7 @@ def test_saved_model_loads_and_changed(trained, tiny_model_dir):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert not torch.equal(rm.model.embed_tokens.weight, base.model.embed_tokens.weight)
     pair = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
-    scores = reward.score_conversations(rm, tok, [pair, pair])
+    scores = scoring.score_conversations(rm, tok, [pair, pair])
     assert scores.shape == (2,) and torch.isfinite(scores).all() and scores[0] == scores[1]
 
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from tasks import posttrain_data, sft, tracking
+from tasks import finetune, models, posttrain_data, sft, tracking
 from tasks.config import SftConfig
 from tasks.stage import InputError, execute
 
@@ -27,9 +27,9 @@ def test_labels_cover_assistant_tokens_only(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     cfg = SftConfig(**{**TINY, "train_examples": 8})
-    tok = sft.load_tokenizer(tiny_model_dir)
-    trainer = sft.make_trainer(
-        cfg, AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok, sft.training_conversations(cfg),
+    tok = models.load_tokenizer(tiny_model_dir)
+    trainer = finetune.make_trainer(
+        cfg, AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok, finetune.training_conversations(cfg),
         posttrain_data.conversations("test", 4, 0), tmp_path / "work", "cpu", tracking.NullTracker(), [],
     )
     rows = posttrain_data.conversations("train", 8, 0)
@@ -68,25 +68,25 @@ def test_sft_trains_and_writes_a_loadable_chat_model(tiny_model_dir, tmp_path):
     assert json.loads((out / "model" / "lmforge.json").read_text())["stage"] == "sft"
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == TINY["test_examples"] and {"question", "answer", "base", "final"} <= set(samples[0])
-    assert not (out / sft.TRAINER_TMP).exists() and not list(tmp_path.glob(".*staging"))
+    assert not (out / finetune.TRAINER_TMP).exists() and not list(tmp_path.glob(".*staging"))
 
 
 def test_user_data_files_are_added_and_validated(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"prompt": "Say hi", "completion": "hi"}) + "\n")
-    convs = sft.training_conversations(SftConfig(train_examples=4, data_files=[str(good)]))
+    convs = finetune.training_conversations(SftConfig(train_examples=4, data_files=[str(good)]))
     assert len(convs) == 5 and convs[0] == [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n")
     with pytest.raises(InputError, match=f"{bad}:1: .*no assistant message"):
-        sft.training_conversations(SftConfig(data_files=[str(bad)]))
+        finetune.training_conversations(SftConfig(data_files=[str(bad)]))
     pref = tmp_path / "pref.jsonl"
     pref.write_text(json.dumps(posttrain_data.preference_pairs("train", 1, 0)[0]) + "\n")
     with pytest.raises(InputError, match="preference data"):
-        sft.training_conversations(SftConfig(data_files=[str(pref)]))
+        finetune.training_conversations(SftConfig(data_files=[str(pref)]))
     with pytest.raises(InputError, match="no training data"):
-        sft.training_conversations(SftConfig(train_examples=0))
+        finetune.training_conversations(SftConfig(train_examples=0))
 
 
 def test_cli_reports_bad_data_with_exit_code_2(tiny_model_dir, tmp_path, capsys):

@@ -1,0 +1,179 @@
+"""Chat fine-tuning shared by the sft and lora stages: training data, TRL's SFTTrainer with lmforge's knobs,
+and the measurements before and after (held-out loss, greedy exact-answer accuracy).
+
+The loss covers assistant tokens only: the chat template marks them with `{% generation %}`, TRL turns
+that into `assistant_masks` and every other label into -100.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from tasks import posttrain_data
+from tasks.callbacks import ForwardLogs
+from tasks.config import SftConfig
+from tasks.models import stop_token_ids
+from tasks.stage import InputError
+
+TRAINER_TMP = "_trainer_tmp"  # Trainer's output_dir inside the staging folder; removed after training
+SAMPLES = 20  # test answers kept in samples.jsonl
+
+
+# ------------------------------------------------------------------------------------------- data
+def training_conversations(cfg: SftConfig) -> list[list[dict]]:
+    """Built-in train conversations plus the user's files (validated first, so bad rows fail fast)."""
+    convs = []
+    for path in cfg.data_files:
+        rows = posttrain_data.load_jsonl(path, cfg.data_format)
+        found = posttrain_data.detect_kind(rows[0])
+        if found not in ("messages", "prompt_completion"):
+            raise InputError(f"{path}:1: sft needs messages or prompt_completion rows, this file is {found} data")
+        convs.extend(posttrain_data.to_messages(r) for r in rows)
+    convs.extend(r["messages"] for r in posttrain_data.conversations("train", cfg.train_examples, cfg.seed))
+    if not convs:
+        raise InputError("no training data: train_examples is 0 and data_files is empty")
+    return convs
+
+
+def conversation_dataset(convs: list[list[dict]]):
+    from datasets import Dataset
+
+    return Dataset.from_list([{"messages": m} for m in convs])
+
+
+# ------------------------------------------------------------------------------------- evaluation
+def generate_answers(model, tokenizer, prompts: list[list[dict]], batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy completions of chat prompts, batched with left padding, decoded up to end-of-turn."""
+    import torch
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    stops, pad = stop_token_ids(tokenizer), tokenizer.pad_token_id
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False, disable=len(prompts) <= batch_size):
+        ids = [
+            tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+            for p in prompts[i : i + batch_size]
+        ]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+        with torch.no_grad():
+            gen = model.generate(
+                input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                eos_token_id=stops, pad_token_id=pad,
+            )
+        for row in gen[:, width:].tolist():
+            text = tokenizer.decode(row, skip_special_tokens=False)
+            out.append(posttrain_data.extract(text.replace(tokenizer.pad_token, "")))
+    model.train(was_training)
+    return out
+
+
+def answer_accuracy(model, tokenizer, rows: list[dict], batch_size: int, max_new_tokens: int) -> tuple[dict, list[str]]:
+    """Overall and per-task accuracy of greedy answers on rows with "messages" or "prompt", "answer", "task"."""
+    prompts = [r["prompt"] if "prompt" in r else r["messages"][:-1] for r in rows]
+    answers = generate_answers(model, tokenizer, prompts, batch_size, max_new_tokens)
+    hits: dict[str, list[float]] = defaultdict(list)
+    for r, a in zip(rows, answers):
+        hits[r["task"]].append(posttrain_data.score(a, r["answer"]))
+    total = [h for v in hits.values() for h in v]
+    metrics = {"accuracy": sum(total) / len(total)}
+    metrics.update({f"accuracy_{t}": sum(v) / len(v) for t, v in sorted(hits.items())})
+    return metrics, answers
+
+
+# --------------------------------------------------------------------------------------- training
+def make_trainer(cfg: SftConfig, model, tokenizer, train_convs, test_rows, work: Path, device: str,
+                 tracker, history: list[dict], peft_config=None):
+    """An SFTTrainer with lmforge's knobs: no checkpoints, no report_to, loss on assistant tokens."""
+    from trl import SFTConfig as TrlSftConfig
+    from trl import SFTTrainer
+
+    max_length = min(cfg.max_length, getattr(model.config, "max_position_embeddings", cfg.max_length))
+    args = TrlSftConfig(
+        output_dir=str(work),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        max_length=max_length,
+        assistant_only_loss=cfg.assistant_only_loss,
+        # TRL 1.12's default "chunked_nll" (which skips the head's matmul on masked tokens) reads
+        # lm_head.weight itself and breaks on PEFT's trainable-token wrapper around a tied head: there, plain
+        # "nll", the same loss
+        loss_type="nll" if getattr(peft_config, "trainable_token_indices", None) else "chunked_nll",
+        logging_steps=cfg.log_every,
+        logging_first_step=True,
+        eval_strategy="steps" if cfg.eval_every else "no",
+        eval_steps=cfg.eval_every or None,
+        save_strategy="no",
+        report_to="none",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=device == "cuda",  # TRL defaults bf16 on; on CPU it only slows a tiny fp32 model down
+        use_cpu=device == "cpu",
+        activation_checkpointing=False,  # TRL turns it on by default; pointless for small models
+        dataloader_num_workers=0,
+    )
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=conversation_dataset(train_convs),
+        eval_dataset=conversation_dataset([r["messages"] for r in test_rows]),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[ForwardLogs(tracker, history)],
+    )
+
+
+def finetune(cfg: SftConfig, model, tokenizer, train_convs: list[list[dict]], out: Path, tracker, device: str,
+             peft_config=None) -> tuple[Any, dict]:
+    """Measure the base, train, measure again. Returns the trainer (its .model is the trained model) and metrics."""
+    test_rows = posttrain_data.conversations("test", cfg.test_examples, cfg.seed)
+    if not getattr(model, "is_loaded_in_4bit", False):  # quantized models are placed by device_map already
+        model.to(device)
+    base_acc, base_answers = answer_accuracy(model, tokenizer, test_rows, cfg.eval_batch_size, cfg.max_new_tokens)
+
+    history: list[dict] = []
+    work = out / TRAINER_TMP
+    trainer = make_trainer(cfg, model, tokenizer, train_convs, test_rows, work, device, tracker, history, peft_config)
+    base_eval = trainer.evaluate()
+    start = time.perf_counter()
+    result = trainer.train()
+    train_time = time.perf_counter() - start
+    final_eval = trainer.evaluate()
+    shutil.rmtree(work, ignore_errors=True)
+
+    final_acc, final_answers = answer_accuracy(trainer.model, tokenizer, test_rows, cfg.eval_batch_size, cfg.max_new_tokens)
+    losses = [h["train/loss"] for h in history if "train/loss" in h]
+    metrics = {
+        "train_conversations": len(train_convs),
+        "test_conversations": len(test_rows),
+        "steps": result.global_step,
+        "train_time_s": round(train_time, 2),
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None,
+        "base_eval_loss": base_eval["eval_loss"],
+        "final_eval_loss": final_eval["eval_loss"],
+        **{f"base_{k}": v for k, v in base_acc.items()},
+        **{f"final_{k}": v for k, v in final_acc.items()},
+        "accuracy_gain": final_acc["accuracy"] - base_acc["accuracy"],
+    }
+    samples = out / "samples.jsonl"
+    with samples.open("w") as fh:
+        for r, b, f in list(zip(test_rows, base_answers, final_answers))[:SAMPLES]:
+            fh.write(json.dumps({"question": r["messages"][0]["content"], "answer": r["answer"], "base": b, "final": f}) + "\n")
+    tracker.log_artifact(samples)
+    return trainer, metrics
