@@ -13,6 +13,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 STAGES = ("mix", "tokenizer", "pretrain", "sft", "lora", "reward", "ppo", "quantize", "evaluate")
+SHARED = ("launch",)  # sections that are not stages: read by several stages, tracked by none (see LaunchConfig)
+SECTION_NAMES = STAGES + SHARED
+TRAINING_STAGES = ("pretrain", "sft", "lora", "reward", "ppo")
 
 
 class ConfigError(ValueError):
@@ -346,6 +349,26 @@ class EvaluateConfig(_Section):
         return self
 
 
+# --------------------------------------------------------------------------------------------- launch
+class LaunchConfig(_Section):
+    """How the training stages' commands start their workers. Not a DVC param of any stage: N processes
+    compute what one does (same global batch and schedule; tests/test_distributed.py), so changing the
+    process count does not invalidate outputs. The node's rank comes from LMFORGE_NODE_RANK (default 0),
+    since it differs between machines running the same params.yaml."""
+
+    nproc_per_node: int = F(1, "worker processes per machine (one per GPU on CUDA); 1 with nnodes 1 = no launcher", ge=1)
+    nnodes: int = F(1, "machines taking part; each runs the same stage command", ge=1)
+    rdzv_endpoint: str = F("127.0.0.1:29500", "host:port of the rendezvous on the first machine (several machines only)")
+    backend: Literal["auto", "gloo", "nccl"] = F("auto", "collectives: auto = nccl on CUDA, gloo on CPU")
+    strategy: Literal["ddp", "fsdp"] = F(
+        "ddp", "ddp: a full model copy per process; fsdp: parameters, gradients and optimizer state sharded"
+    )
+    stages: list[Literal["pretrain", "sft", "lora", "reward", "ppo"]] = F(
+        ["pretrain", "sft", "lora", "reward", "ppo"], "training stages that start nproc_per_node x nnodes workers"
+    )
+    max_restarts: int = F(0, "torchrun restarts of a failed worker group before the stage fails (the flow retries too)", ge=0)
+
+
 SECTIONS: dict[str, type[_Section]] = {
     "mix": MixConfig,
     "tokenizer": TokenizerConfig,
@@ -356,8 +379,9 @@ SECTIONS: dict[str, type[_Section]] = {
     "ppo": PpoConfig,
     "quantize": QuantizeConfig,
     "evaluate": EvaluateConfig,
+    "launch": LaunchConfig,
 }
-assert tuple(SECTIONS) == STAGES
+assert tuple(SECTIONS) == SECTION_NAMES
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -375,7 +399,7 @@ def _describe(err: ValidationError, section: str) -> str:
 def parse_section(stage: str, raw: Any, source: str = "params") -> _Section:
     """Validate one section's mapping into its typed config; raise ConfigError naming the key."""
     if stage not in SECTIONS:
-        raise ConfigError(f"{source}: unknown stage section {stage!r} (stages: {', '.join(STAGES)})")
+        raise ConfigError(f"{source}: unknown section {stage!r} (sections: {', '.join(SECTION_NAMES)})")
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -402,10 +426,10 @@ def read_yaml(path: str | Path) -> dict:
 def load_params(path: str | Path = "params.yaml") -> dict[str, _Section]:
     """Every section of a params file, validated. Unknown sections are an error too."""
     data = read_yaml(path)
-    unknown = sorted(set(data) - set(STAGES))
+    unknown = sorted(set(data) - set(SECTION_NAMES))
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)} (stages: {', '.join(STAGES)})")
-    return {stage: parse_section(stage, data.get(stage), str(path)) for stage in STAGES}
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)} (sections: {', '.join(SECTION_NAMES)})")
+    return {name: parse_section(name, data.get(name), str(path)) for name in SECTION_NAMES}
 
 
 def load_stage(stage: str, path: str | Path = "params.yaml") -> _Section:

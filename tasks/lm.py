@@ -6,6 +6,7 @@ measure the very model and data the stage trains."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -87,14 +88,19 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
 def resolve_device(cfg: PretrainConfig) -> tuple[torch.device, torch.dtype | None]:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise InputError("pretrain.device is 'cuda' but no CUDA device is available")
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    # under torchrun each process takes the GPU of its local rank
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda"):
         return device, torch.bfloat16
     return device, None  # fp32
 
 
-def flops_per_token(model, seq_len: int) -> float:
-    """6N for the matmuls (embedding lookup excluded, tied head included) plus attention's 12*L*d*T."""
+def flops_per_token(model, seq_len: int, n_params: int | None = None) -> float:
+    """6N for the matmuls (embedding lookup excluded, tied head included) plus attention's 12*L*d*T.
+    `n_params`: the full count where the model's own parameters are shards (FSDP)."""
     cfg = model.config
-    n = sum(p.numel() for p in model.parameters()) - (0 if cfg.tie_word_embeddings else model.get_input_embeddings().weight.numel())
+    total = n_params if n_params is not None else sum(p.numel() for p in model.parameters())
+    embed = cfg.vocab_size * cfg.hidden_size
+    n = total - (0 if cfg.tie_word_embeddings else embed)
     return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len

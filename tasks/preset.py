@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tasks.config import SECTIONS, STAGES, ConfigError, parse_section, read_yaml
+from tasks.config import SECTION_NAMES, SECTIONS, ConfigError, parse_section, read_yaml
 
 HEADER = (
     "# lmforge parameters: one section per stage; DVC tracks each section as that stage's params.\n"
@@ -66,20 +66,20 @@ def resolve(preset: str, configs_dir: str | Path = "configs") -> dict[str, BaseM
         known = sorted(p.stem for p in Path(configs_dir).glob("*.yaml"))
         raise ConfigError(f"unknown preset {preset!r}: no {path} (presets: {', '.join(known)})")
     overlay = read_yaml(path)
-    unknown = sorted(set(overlay) - set(STAGES))
+    unknown = sorted(set(overlay) - set(SECTION_NAMES))
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}")
-    return {stage: parse_section(stage, overlay.get(stage) or {}, str(path)) for stage in STAGES}
+    return {name: parse_section(name, overlay.get(name) or {}, str(path)) for name in SECTION_NAMES}
 
 
 def render(preset: str, configs: dict[str, BaseModel]) -> str:
-    body = "\n".join(render_section(stage, configs[stage]) for stage in STAGES)
+    body = "\n".join(render_section(name, configs[name]) for name in SECTION_NAMES)
     return HEADER.format(preset=preset) + "\n" + body
 
 
 def render_defaults() -> str:
     """configs/default.yaml: the full schema at its defaults."""
-    return render("default", {stage: SECTIONS[stage]() for stage in STAGES})
+    return render("default", {name: SECTIONS[name]() for name in SECTION_NAMES})
 
 
 def apply(preset: str, params: str | Path = "params.yaml", configs_dir: str | Path = "configs") -> str:

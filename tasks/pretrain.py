@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tasks import chat
+from tasks import chat, distributed
 from tasks.config import PretrainConfig
 from tasks.corpus import source_names
 from tasks.lm import build_model, eval_windows, flops_per_token, lr_at, param_groups, resolve_device, tokenize_split
@@ -101,14 +101,24 @@ def fingerprint(cfg: PretrainConfig, train_tokens: np.ndarray) -> str:
 
 
 def save_checkpoint(path: Path, step: int, model, optimizer, rng: torch.Generator, fp: str, history: dict) -> None:
+    """Every process calls it (gathering FSDP shards is collective); rank 0 writes. The full, unsharded state
+    makes the checkpoint independent of the number of processes that resume it."""
+    model_state, optim_state = distributed.full_state(model, optimizer)
+    if not distributed.is_main():
+        return
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / "last.pt.tmp"
     torch.save(
-        {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-         "rng": rng.get_state(), "fingerprint": fp, "history": history},
+        {"step": step, "model": model_state, "optimizer": optim_state, "rng": rng.get_state(),
+         "fingerprint": fp, "history": history, "format": _state_format()},
         tmp,
     )
     tmp.replace(path / "last.pt")
+
+
+def _state_format() -> str:
+    # FSDP's full optimizer state is keyed by parameter name, a plain optimizer's by position
+    return "fsdp" if distributed.strategy() == "fsdp" and distributed.is_worker() else "plain"
 
 
 def load_checkpoint(path: Path, fp: str) -> dict | None:
@@ -118,6 +128,10 @@ def load_checkpoint(path: Path, fp: str) -> dict | None:
     state = torch.load(file, map_location="cpu", weights_only=False)
     if state.get("fingerprint") != fp:
         print(f"pretrain: ignoring {file}: written by a different config or corpus", file=sys.stderr)
+        return None
+    if state.get("format", "plain") != _state_format():
+        print(f"pretrain: ignoring {file}: written under launch.strategy {'fsdp' if state.get('format') == 'fsdp' else 'ddp'}"
+              ", which this run does not use", file=sys.stderr)
         return None
     return state
 
@@ -159,6 +173,9 @@ def run(cfg: PretrainConfig, *, corpus: Path, tokenizer: Path, out: Path, tracke
         print(f"pretrain: continuing {cfg.init_from} with its own tokenizer ({tokenizer} is not used)", file=sys.stderr)
     tok = base_tokenizer(cfg) if cfg.init_from else AutoTokenizer.from_pretrained(tokenizer)
     device, amp_dtype = resolve_device(cfg)
+    distributed.init(device)
+    world, rank = distributed.world_size(), distributed.rank()
+    local_batch = distributed.per_process(cfg.batch_size, "pretrain.batch_size")
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
 
     # Data: tokenise once; training samples random windows, evaluation fixed ones.
@@ -171,6 +188,7 @@ def run(cfg: PretrainConfig, *, corpus: Path, tokenizer: Path, out: Path, tracke
         raise InputError(f"{corpus} has no held-out text to evaluate on")
 
     model = (load_base(cfg, tok) if cfg.init_from else build_model(cfg, tok)).to(device)
+    model = distributed.wrap(model, device)  # DDP or FSDP over the processes; unchanged with one
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
         fused=device.type == "cuda",
@@ -181,18 +199,21 @@ def run(cfg: PretrainConfig, *, corpus: Path, tokenizer: Path, out: Path, tracke
     start_step = 0
     state = load_checkpoint(checkpoints, fp) if checkpoints else None
     if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_full_state(model, optimizer, state["model"], state["optimizer"])
         rng.set_state(state["rng"])
         start_step, history = state["step"], state["history"]
-        print(f"pretrain: resumed from {checkpoints / 'last.pt'} at step {start_step}", file=sys.stderr)
+        print(f"pretrain: resumed from {checkpoints / 'last.pt'} at step {start_step} ({world} process(es))",
+              file=sys.stderr)
 
-    n_params = sum(p.numel() for p in model.parameters())
-    fpt = flops_per_token(model, cfg.seq_len)
+    plain = distributed.unwrap(model)
+    n_params = sum(p.numel() for p in plain.parameters())
+    if distributed.strategy() == "fsdp" and distributed.is_worker():
+        n_params = sum(p.full_tensor().numel() if hasattr(p, "full_tensor") else p.numel() for p in plain.parameters())
+    fpt = flops_per_token(plain, cfg.seq_len, n_params)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     train_t = torch.from_numpy(train.astype(np.int64))
     tracker.log_params({"n_params": n_params, "train_tokens": len(train), "resolved_device": device.type,
-                        "resolved_dtype": "bf16" if amp_dtype else "fp32"})
+                        "resolved_dtype": "bf16" if amp_dtype else "fp32", "processes": world})
 
     def log_eval(step: int) -> dict:
         losses = evaluate(model, val_windows, cfg.batch_size, device, autocast)
@@ -205,28 +226,32 @@ def run(cfg: PretrainConfig, *, corpus: Path, tokenizer: Path, out: Path, tracke
         log_eval(0)
     model.train()
     bar = tqdm(range(start_step, cfg.max_steps), desc="pretrain", unit="step", initial=start_step, total=cfg.max_steps,
-               dynamic_ncols=True, mininterval=1.0)
+               dynamic_ncols=True, mininterval=1.0, disable=not distributed.is_main())
     t_last, tokens_since, train_time = time.perf_counter(), 0, 0.0
     for step in bar:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_acc = 0.0
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
+            # every process draws the same global batch (same generator state) and takes its own share of it:
+            # the gradient, averaged over processes by DDP/FSDP, is the one-process gradient of that batch
             starts = torch.randint(0, len(train_t) - cfg.seq_len - 1, (cfg.batch_size,), generator=rng)
-            batch = torch.stack([train_t[s : s + cfg.seq_len + 1] for s in starts.tolist()]).to(device, non_blocking=True)
-            with autocast():
+            mine = starts[rank * local_batch : (rank + 1) * local_batch].tolist()
+            batch = torch.stack([train_t[s : s + cfg.seq_len + 1] for s in mine]).to(device, non_blocking=True)
+            with autocast(), distributed.no_sync(model, last=micro == cfg.grad_accum - 1):
                 logits = model(input_ids=batch[:, :-1]).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
-            (loss / cfg.grad_accum).backward()
+                loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+                (loss / cfg.grad_accum).backward()
             loss_acc += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_since += tokens_per_step
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            loss_val = (loss_acc / cfg.grad_accum).item()  # the only sync with the device per log interval
+            loss_val = distributed.mean((loss_acc / cfg.grad_accum).item())  # one sync per log interval
             now = time.perf_counter()
             elapsed, t_last = now - t_last, now
             train_time += elapsed
@@ -245,7 +270,17 @@ def run(cfg: PretrainConfig, *, corpus: Path, tokenizer: Path, out: Path, tracke
             t_last = time.perf_counter()
     bar.close()
 
-    # Outputs: the model with its tokenizer, curves, samples.
+    # Outputs: the model with its tokenizer, curves, samples (rank 0; the others' `out` is thrown away).
+    model_state, _ = distributed.full_state(model)  # every process: gathering FSDP shards is collective
+    if checkpoints and distributed.is_main() and (checkpoints / "last.pt").exists():
+        (checkpoints / "last.pt").unlink()  # finished: a later run starts fresh (or from its own checkpoints)
+    distributed.close()
+    if not distributed.is_main():
+        return {}
+    if distributed.strategy() == "fsdp" and distributed.is_worker():
+        plain = (load_base(cfg, tok) if cfg.init_from else build_model(cfg, tok)).to(device)
+        plain.load_state_dict(model_state)
+    model = plain
     model_dir = out / "model"
     model.config.use_cache = True
     model.save_pretrained(model_dir)
@@ -254,8 +289,6 @@ def run(cfg: PretrainConfig, *, corpus: Path, tokenizer: Path, out: Path, tracke
     samples = generate_samples(model, tok, cfg.sample_prompts, cfg.sample_tokens, device)
     (model_dir / "samples.txt").write_text(samples)
     write_curves(out / "curves", history)
-    if checkpoints and (checkpoints / "last.pt").exists():
-        (checkpoints / "last.pt").unlink()  # finished: a later run starts fresh (or from its own checkpoints)
     tracker.log_artifact(model_dir / "samples.txt")
     tracker.log_artifact(out / "curves", "curves")
 
@@ -277,6 +310,7 @@ def run(cfg: PretrainConfig, *, corpus: Path, tokenizer: Path, out: Path, tracke
         "device": device.type,
         "dtype": "bf16" if amp_dtype else "fp32",
         "resumed_from_step": start_step,
+        "processes": world,
     }
     write_meta(model_dir, "pretrain", cfg, metrics, {"corpus": corpus, "tokenizer": tokenizer})
     return metrics

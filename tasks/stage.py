@@ -105,6 +105,15 @@ def execute(stage: str, fn: Callable[..., dict], cfg: BaseModel, out: Path, inpu
     """Run a stage function into a staging folder and publish its outputs; returns its metrics."""
     for name, path in inputs.items():
         require(path, name.replace("_", " "))
+    from tasks import distributed
+
+    if distributed.is_worker() and not distributed.is_main():
+        # one of several processes: it trains like rank 0, but its outputs go to a scratch folder and its
+        # figures to no tracker; rank 0 publishes and tracks for all
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix=f"lmforge-{stage}-rank{distributed.rank()}-") as scratch:
+            return _call(fn, cfg, Path(scratch), inputs, extra, tracking.NullTracker(), time.perf_counter())
     out = Path(out)
     staging = out.parent / f".{out.name}.staging"
     if staging.exists():
@@ -144,13 +153,23 @@ def cli(stage: str, fn: Callable[..., dict], inputs: Iterable[str] = (), argv: l
         ap.add_argument(f"--{name.replace('_', '-')}", dest=name, **kwargs)
     ap.add_argument("--out", type=Path, required=True, help="stage output folder")
     args = vars(ap.parse_args(argv))
+    from tasks import distributed
+
     try:
-        cfg = load_stage(stage, args.pop("params"))
+        params = args.pop("params")
+        cfg = load_stage(stage, params)
         out = args.pop("out")
         paths = {name: args.pop(name) for name in inputs}
+        if not distributed.is_worker():
+            launch = load_stage("launch", params)
+            if distributed.plan(stage, cfg, launch):  # the command starts the workers and waits for them
+                return distributed.launch(stage, list(sys.argv[1:] if argv is None else argv), launch, out)
         metrics = execute(stage, fn, cfg, out, paths, extra=args)
     except (ConfigError, InputError) as err:
-        print(f"error: {stage}: {err}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"error: {stage}: {err}", file=sys.stderr)
+        distributed.report_status(2)
         return 2
-    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, indent=1))
+    if distributed.is_main():
+        print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, indent=1))
     return 0

@@ -5,9 +5,8 @@ import ast
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tasks.config import STAGES
+from tasks.config import STAGES, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # Modules that do not change what a stage computes, so editing them must not rebuild every output:
@@ -65,7 +64,7 @@ def code_deps(stage: str) -> set[str]:
 
 
 def dvc_code_deps(stage: str) -> set[str]:
-    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["deps"]
+    deps = read_yaml(ROOT / "dvc.yaml")["stages"][stage]["deps"]
     return {d for d in deps if d.startswith("tasks/")}
 
 
