@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from tasks import posttrain_data
+from tasks import distributed, posttrain_data
 from tasks.callbacks import ForwardLogs
 from tasks.config import SftConfig
 from tasks.models import stop_token_ids
@@ -101,7 +101,7 @@ def make_trainer(cfg: SftConfig, model, tokenizer, train_convs, test_rows, work:
     args = TrlSftConfig(
         output_dir=str(work),
         max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=distributed.per_process(cfg.batch_size, "batch_size"),  # same global batch
         per_device_eval_batch_size=cfg.eval_batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.lr,
@@ -126,6 +126,7 @@ def make_trainer(cfg: SftConfig, model, tokenizer, train_convs, test_rows, work:
         use_cpu=device == "cpu",
         activation_checkpointing=False,  # TRL turns it on by default; pointless for small models
         dataloader_num_workers=0,
+        **distributed.trainer_args(),
     )
     return SFTTrainer(
         model=model,

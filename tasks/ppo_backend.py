@@ -19,6 +19,7 @@ import tempfile
 import warnings
 from typing import Sequence
 
+from tasks import distributed
 from tasks.chat import END
 from tasks.config import PpoConfig
 
@@ -56,15 +57,18 @@ def train(*, policy, ref_policy, reward_model, value_model, tokenizer, queries: 
         args = PPOConfig(
             output_dir=workdir, seed=cfg.seed, report_to="none", save_strategy="no",
             use_cpu=device == "cpu", bf16=False, activation_checkpointing=False,
-            per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=1,
+            # each process rolls out its share; TRL multiplies by the number of processes (global batch kept)
+            per_device_train_batch_size=distributed.per_process(cfg.batch_size, "ppo.batch_size"),
+            gradient_accumulation_steps=1,
             num_mini_batches=cfg.mini_batches, total_episodes=cfg.steps * cfg.batch_size,
-            local_rollout_forward_batch_size=cfg.batch_size, num_ppo_epochs=cfg.ppo_epochs,
+            local_rollout_forward_batch_size=distributed.per_process(cfg.batch_size, "ppo.batch_size"), num_ppo_epochs=cfg.ppo_epochs,
             learning_rate=cfg.lr, lr_scheduler_type="linear", response_length=cfg.response_length,
             temperature=cfg.temperature, stop_token="eos", missing_eos_penalty=cfg.missing_end_penalty,
             kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, cliprange=cfg.cliprange,
             cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef, gamma=cfg.gamma, lam=cfg.lam,
             whiten_rewards=cfg.whiten_rewards,  # TRL logs every update whatever logging_steps says
             num_sample_generations=0,  # its sample tables need an eval set; the stage evaluates itself
+            **distributed.trainer_args(),
         )
         with warnings.catch_warnings():  # TRL reads the deprecated `is_gradient_checkpointing` (transformers 5)
             warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*", FutureWarning)

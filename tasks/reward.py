@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from tasks import posttrain_data
+from tasks import distributed, posttrain_data
 from tasks.callbacks import OnLog, numbers
 from tasks.config import RewardConfig
 from tasks.models import load_tokenizer
@@ -142,14 +142,15 @@ def run(cfg: RewardConfig, *, sft: Path, out: Path, tracker: Tracker) -> dict:
     with tempfile.TemporaryDirectory(prefix="lmforge-reward-") as workdir:
         args = TrlRewardConfig(
             output_dir=workdir, seed=cfg.seed, data_seed=cfg.seed,
-            per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=64,
+            per_device_train_batch_size=distributed.per_process(cfg.batch_size, "reward.batch_size"),
+            per_device_eval_batch_size=64,
             max_steps=total_steps, learning_rate=cfg.lr, lr_scheduler_type="linear",
             warmup_steps=round(cfg.warmup_ratio * total_steps), weight_decay=cfg.weight_decay,
             center_rewards_coefficient=cfg.center_rewards or None, max_length=cfg.max_length,
             logging_steps=cfg.log_every, eval_strategy="steps", eval_steps=cfg.eval_every,
             save_strategy="no", report_to="none", use_cpu=device.type == "cpu",
             bf16=False, activation_checkpointing=False,  # TRL defaults: bf16 on, checkpointing on
-            dataloader_num_workers=0, dataset_num_proc=None,
+            dataloader_num_workers=0, dataset_num_proc=None, **distributed.trainer_args(),
         )
         trainer = RewardTrainer(
             model=model, args=args, processing_class=tok,
