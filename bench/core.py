@@ -132,7 +132,7 @@ def sizes_for(quick: bool, cuda: bool) -> Sizes:
         return Sizes(
             name="quick", data_preset="tiny",
             pretrain=dict(_PRETRAIN_COMMON, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
-                          intermediate_size=172, seq_len=64, batch_size=8, log_every=2),
+                          intermediate_size=192, seq_len=64, batch_size=8, log_every=2),
             pretrain_warm=2, pretrain_steps=6, repeats=1, matmul_n=256, matmul_seconds=0.2,
             sft=dict(_SFT_COMMON, batch_size=8, max_length=128, log_every=1), sft_warm=2, sft_steps=4,
             ppo=dict(_PPO_COMMON, batch_size=4, mini_batches=2, ppo_epochs=1), ppo_warm=1, ppo_steps=2,
@@ -140,11 +140,11 @@ def sizes_for(quick: bool, cuda: bool) -> Sizes:
         )
     if cuda:  # a ~100M-parameter Llama in bf16 autocast, as the pretrain stage runs it on a GPU
         pretrain = dict(_PRETRAIN_COMMON, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12,
-                        intermediate_size=2560, seq_len=1024, batch_size=16, log_every=10, dtype="bf16")
+                        intermediate_size=2560, seq_len=1024, batch_size=16, log_every=10, dtype="bf16", compile=True)
         warm, steps, matmul_n = 10, 30, 8192
     else:  # the default preset's model at its batch and context
         pretrain = dict(_PRETRAIN_COMMON, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4,
-                        intermediate_size=688, seq_len=256, batch_size=16, log_every=5)
+                        intermediate_size=704, seq_len=256, batch_size=16, log_every=5)
         warm, steps, matmul_n = 5, 25, 2048
     return Sizes(
         name="cuda" if cuda else "cpu", data_preset="default", pretrain=pretrain, pretrain_warm=warm,

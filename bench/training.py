@@ -102,6 +102,8 @@ def run_pretrain_baseline(ctx: Context) -> dict:
     device, amp_dtype = lm.resolve_device(cfg)
     data = torch.from_numpy(lm.tokenize_split(tok, corpus, "train").astype(np.int64))
     model = lm.build_model(cfg, tok).to(device)
+    if cfg.compile:  # the same compiled model as the stage, or the comparison would be unfair
+        model.compile()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             weight_decay=cfg.weight_decay, fused=device.type == "cuda")

@@ -147,6 +147,12 @@ def section_quantize(r: Report) -> str | None:
         [[x["variant"], x["size_bytes"] / 1e6, x["memory_footprint_bytes"] / 1e6, x["perplexity"], x["tokens_per_s"]]
          for x in rows],
     )
+    metrics = _metrics(r.out, "quantize") or {}
+    for variant, m in metrics.items():
+        if isinstance(m, dict) and m.get("kept_for_cpu_kernel"):
+            text += (f"\n\n{variant}: {m['kept_for_cpu_kernel']} layer(s) kept in full precision because bitsandbytes' "
+                     f"packed AVX512-BF16 CPU kernel cannot take their shape ({m.get('lowbit_param_share', 0):.0%} of the "
+                     "parameters are low-bit); `quantize.nf4_unpackable: quantize` converts them too.")
 
     def draw(ax):
         for x in rows:

@@ -178,6 +178,7 @@ class PretrainConfig(_Section):
     checkpoint_every: int = F(100, "steps between checkpoints (resume picks up the last one)")
     device: Literal["auto", "cpu", "cuda"] = F("auto", "auto picks cuda when available")
     dtype: Literal["auto", "fp32", "bf16"] = F("auto", "auto: bf16 autocast on cuda, fp32 on cpu")
+    compile: bool = F(False, "torch.compile the model in place (a GPU speed-up; the first steps pay for compiling)")
     num_threads: int = F(0, "CPU threads for torch; 0 leaves torch's default")
     sample_prompts: list[str] = F(["def ", "The ", "12 + 7 ="], "prompts for the sample generations saved with the model")
     sample_tokens: int = F(40, "tokens generated per sample prompt")

@@ -188,6 +188,8 @@ def run(cfg: PretrainConfig, *, corpus: Path, tokenizer: Path, out: Path, tracke
         raise InputError(f"{corpus} has no held-out text to evaluate on")
 
     model = (load_base(cfg, tok) if cfg.init_from else build_model(cfg, tok)).to(device)
+    if cfg.compile:
+        model.compile()  # in place: parameter names, checkpoints and save_pretrained are unchanged
     model = distributed.wrap(model, device)  # DDP or FSDP over the processes; unchanged with one
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),

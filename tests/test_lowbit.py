@@ -185,3 +185,17 @@ def test_qlora_trains_on_either_path(cpu_4bit_path, odd_model_dir, tmp_path):
     adapter = load_file(tmp_path / "q" / "adapter" / "adapter_model.safetensors")
     lora_b = {k: v for k, v in adapter.items() if "lora_B" in k}
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b.values())  # every adapter got a gradient
+
+
+def test_bitsandbytes_import_warning_is_filtered(caplog):
+    """On AVX512-BF16 CPUs bitsandbytes logs an optional-kernel warning at import in every process (PEFT and
+    TRL import it); importing lmforge's package installs the filter before that can happen."""
+    import logging
+
+    import tasks  # noqa: F401
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ...", "x")
+        logger.warning("another bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]
