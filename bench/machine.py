@@ -12,14 +12,9 @@ PACKAGES = ("torch", "transformers", "tokenizers", "trl", "peft", "accelerate", 
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from tasks.doctor import cpu_name
+
+    return cpu_name()
 
 
 def describe() -> dict:

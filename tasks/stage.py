@@ -163,6 +163,8 @@ def cli(stage: str, fn: Callable[..., dict], inputs: Iterable[str] = (), argv: l
         if not distributed.is_worker():
             launch = load_stage("launch", params)
             if distributed.plan(stage, cfg, launch):  # the command starts the workers and waits for them
+                for name, path in paths.items():  # missing inputs: one line here, not N workers' failures
+                    require(path, name.replace("_", " "))
                 return distributed.launch(stage, list(sys.argv[1:] if argv is None else argv), launch, out)
         metrics = execute(stage, fn, cfg, out, paths, extra=args)
     except (ConfigError, InputError) as err:
