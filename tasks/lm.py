@@ -6,7 +6,6 @@ measure the very model and data the stage trains."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 
 from tasks.config import PretrainConfig
 from tasks.corpus import iter_texts
+from tasks.runtime import pick_device
 from tasks.stage import InputError
 
 
@@ -86,11 +86,7 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
 
 
 def resolve_device(cfg: PretrainConfig) -> tuple[torch.device, torch.dtype | None]:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise InputError("pretrain.device is 'cuda' but no CUDA device is available")
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    # under torchrun each process takes the GPU of its local rank
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    device = pick_device(cfg.device, "pretrain")  # under torchrun, the GPU of the local rank
     if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda"):
         return device, torch.bfloat16
     return device, None  # fp32

@@ -73,6 +73,11 @@ def packable(out_features: int, in_features: int, blocksize: int = BLOCKSIZE_4BI
     return out_features % PACK_ROWS == 0 and in_features % blocksize == 0 and in_features % 2 == 0
 
 
+def skipped(name: str, skip: Iterable[str]) -> bool:
+    """Whether a module name is one of `skip` (a full name, or a name suffix after a dot)."""
+    return any(name == s or name.endswith("." + s) for s in skip)
+
+
 def unpackable_linears(model, skip: Iterable[str] = ()) -> list[str]:
     """Names of the model's nn.Linear layers that 4-bit quantisation would convert but the packed CPU
     kernel cannot run; `skip` holds names (or name suffixes) that stay in full precision anyway."""
@@ -81,7 +86,7 @@ def unpackable_linears(model, skip: Iterable[str] = ()) -> list[str]:
     skip = tuple(skip)
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or any(name == s or name.endswith("." + s) for s in skip):
+        if not isinstance(module, torch.nn.Linear) or skipped(name, skip):
             continue
         if not packable(module.out_features, module.in_features):
             names.append(name)

@@ -129,7 +129,7 @@ def lowbit_share(model, skip: list[str]) -> float:
 
     total = sum(p.numel() for p in model.parameters())
     low = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-              and not any(n == s or n.endswith("." + s) for s in skip))
+              and not lowbit.skipped(n, skip))
     return round(low / total, 4)
 
 
