@@ -72,6 +72,18 @@ def plan(root: Path, targets: list[str] | None) -> list[str]:
     return [st.name for st in order]
 
 
+def likely_stale(root: Path) -> bool:
+    """A cheap guess (file times, no hashing) that DVC will find work: no dvc.lock yet, or params, the
+    pipeline or the code changed after it was written. Only used to start MLflow's slow connection early;
+    `stale` (DVC's status) decides. A wrong guess costs a second of CPU on another core, or that second."""
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        return True
+    written = lock.stat().st_mtime
+    watched = [root / "params.yaml", root / "dvc.yaml", *root.glob("tasks/*.py")]
+    return any(p.stat().st_mtime > written for p in watched if p.exists())
+
+
 def lock_hash(root: Path, stage: str) -> str:
     """A digest of the stage's dvc.lock entry (its deps, params and outs hashes)."""
     lock = root / "dvc.lock"
@@ -187,8 +199,8 @@ def lifecycle(preset: str | None = None, stages: list[str] | None = None, experi
     if preset:
         apply_preset(preset, path / "params.yaml", path / "configs")
         logger.info("applied preset %s to params.yaml", preset)
-    # MLflow connects in its own process while DVC plans (seconds saved on every flow run that runs a stage)
-    tracking.prewarm(path, experiment)
+    if likely_stale(path):  # a hint, never a decision: MLflow connects meanwhile, DVC decides what runs
+        tracking.prewarm(path, experiment)
     try:
         load_params(path / "params.yaml")  # every section valid before any stage starts
         order = plan(path, stages)
@@ -196,7 +208,7 @@ def lifecycle(preset: str | None = None, stages: list[str] | None = None, experi
         if todo:
             results, summary_md, card = run_stages(path, order, preset, experiment)
     finally:
-        tracking.discard_prewarmed()  # nothing to run, or a failure before the run began
+        tracking.discard_prewarmed()  # nothing ran, or the flow failed before its run began
     if not todo:  # nothing to rebuild, so nothing to track: no MLflow run, no stage tasks
         logger.info("every stage is up to date (dvc status): nothing to run")
         results = [{"stage": s, "ran": False, "seconds": 0.0} for s in order]
@@ -223,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         lifecycle.serve(name="lifecycle-scheduled", cron=args.cron, parameters=params)
         return 0
+    root = Path(args.root).resolve()
+    if args.preset or likely_stale(root):  # before Prefect's engine starts: a second more to connect in
+        tracking.prewarm(root, args.experiment)
     try:
         lifecycle(**params)
     except ConfigError as err:

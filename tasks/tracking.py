@@ -277,15 +277,14 @@ class ProcessTracker:
     """An MlflowTracker in a child process, for the flow's parent run.
 
     Importing MLflow and opening its store take seconds of CPU; in a thread they would hold the GIL against
-    the flow's own planning. A child process does them on another core while the flow plans and runs its
-    first stage, and replays the stages' journals there. Calls go as JSON lines down its stdin; only the
+    the flow's own work (DVC's planning, the report card). A child process does them on another core
+    while the flow plans and runs its first stage, and replays the stages' journals there. Calls go as JSON lines down its stdin; only the
     waits (`run_id`, `log_artifact`, `close`) read an answer back. Errors surface at those waits.
     """
 
     def __init__(self, root: Path, experiment: str):
         env = {**os.environ, ROOT_ENV: str(root)}
-        # its messages go to a file, read back into the error when it fails: holding our stderr open would
-        # make whoever reads our output wait for it (it may outlive us, see close)
+        # its messages (MLflow's "creating tables"...) go to a file, read back into the error if it fails
         self._log = tempfile.TemporaryFile("w+")
         self._proc = subprocess.Popen([sys.executable, "-c", "from tasks.tracking import _serve; _serve()"],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env,
@@ -335,11 +334,10 @@ class ProcessTracker:
     def replay(self, journal: Path, tags: Mapping[str, str]) -> None:
         self._send("replay", str(journal), dict(tags))
 
-    def close(self, status: str | None) -> None:
-        """Finish the run with `status` and wait for the process. None: no run was started; the process
-        ends by itself once connected (never killed mid-write to the store), and nobody waits for it."""
+    def close(self, status: str) -> None:
+        """Finish the run with `status` once every call before is done, and wait for the process."""
         try:
-            if status is not None and self._proc.poll() is None:
+            if self._proc.poll() is None:
                 self.run_id  # noqa: B018 - kept for after the close, as BackgroundTracker keeps it
                 self._send("_terminate", status, wait=True)
         finally:
@@ -347,12 +345,11 @@ class ProcessTracker:
                 self._proc.stdin.close()
             except OSError:
                 pass
-            if status is not None:
-                try:
-                    self._proc.wait(timeout=120)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-                    self._proc.wait()
+            try:
+                self._proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
             self._log.close()
 
 
@@ -478,22 +475,28 @@ _warm: dict[tuple[str, str], ProcessTracker] = {}
 
 
 def prewarm(root: str | Path, experiment: str) -> None:
-    """Start connecting the flow's tracker now, so that it is ready when `flow_run` needs it."""
+    """Start the flow's tracking process now (it takes seconds to connect), for a `flow_run` to come."""
     key = (str(Path(root).resolve()), experiment)
     if enabled() and key not in _warm:
         _warm[key] = ProcessTracker(Path(key[0]), experiment)
 
 
 def discard_prewarmed() -> None:
-    """Stop trackers that `prewarm` started and no run used (nothing to run, or the flow failed early)."""
+    """Let go of prewarmed processes no run used: each ends by itself once connected, never killed while
+    it may be writing to the store, and nobody waits for it."""
     while _warm:
-        _warm.popitem()[1].close(None)
+        tracker = _warm.popitem()[1]
+        try:
+            tracker._proc.stdin.close()
+        except OSError:
+            pass
 
 
 @contextmanager
 def flow_run(name: str, experiment: str, params: Mapping[str, Any]) -> Iterator[Tracker]:
-    """The parent run of one flow run, in a tracking process (`prewarm`ed or started now). Stage processes
-    started inside journal their calls, which `nest_stage_runs` replays into runs nested under it."""
+    """The parent run of one flow run, in a tracking process (`prewarm`ed, or started now to connect while
+    the first stage runs). Stage processes started inside journal their calls, which `nest_stage_runs`
+    replays under it."""
     if not enabled():
         yield NullTracker()
         return
