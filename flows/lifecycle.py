@@ -24,6 +24,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows import report
+from flows.lock import Busy, project_lock
 from tasks import tracking
 from tasks.config import STAGES, ConfigError, load_params
 from tasks.preset import apply as apply_preset
@@ -110,10 +111,21 @@ def repro(root: str, stage: str) -> dict:
     """Reproduce one stage if DVC sees a change; report whether it ran."""
     from dvc.repo import Repo
 
+    from dvc.lock import LockError
+
     logger = get_run_logger()
     start = time.perf_counter()
-    with chdir(root), Repo(".") as repo:  # DVC resolves stage names and paths from the working directory
-        ran = bool(repo.reproduce(stage, single_item=True))
+    told = False
+    while True:
+        try:
+            with chdir(root), Repo(".") as repo:  # DVC resolves stage names and paths from the working directory
+                ran = bool(repo.reproduce(stage, single_item=True))
+            break
+        except LockError:  # a `dvc` command of someone else's in this project: queue behind it
+            if not told:
+                logger.info("%s: waiting for another DVC command in this project (it holds .dvc/tmp/lock)", stage)
+                told = True
+            time.sleep(1)
     seconds = round(time.perf_counter() - start, 2)
     logger.info("%s: %s in %.1fs", stage, "ran" if ran else "skipped (unchanged)", seconds)
     return {"stage": stage, "ran": ran, "seconds": seconds}
@@ -196,23 +208,24 @@ def lifecycle(preset: str | None = None, stages: list[str] | None = None, experi
     """Run the lifecycle's stages (or a subset and what it needs) through DVC, tracked in MLflow."""
     logger = get_run_logger()
     path = Path(root).resolve()
-    if preset:
-        apply_preset(preset, path / "params.yaml", path / "configs")
-        logger.info("applied preset %s to params.yaml", preset)
-    if likely_stale(path):  # a hint, never a decision: MLflow connects meanwhile, DVC decides what runs
-        tracking.prewarm(path, experiment)
-    try:
-        load_params(path / "params.yaml")  # every section valid before any stage starts
-        order = plan(path, stages)
-        todo = stale(str(path), order)
-        if todo:
-            results, summary_md, card = run_stages(path, order, preset, experiment)
-    finally:
-        tracking.discard_prewarmed()  # nothing ran, or the flow failed before its run began
-    if not todo:  # nothing to rebuild, so nothing to track: no MLflow run, no stage tasks
-        logger.info("every stage is up to date (dvc status): nothing to run")
-        results = [{"stage": s, "ran": False, "seconds": 0.0} for s in order]
-        card, summary_md = write_card(path), write_summary(path, results, preset, None)
+    with project_lock(path):  # one flow run per project at a time (re-entrant: the CLI may hold it already)
+        if preset:
+            apply_preset(preset, path / "params.yaml", path / "configs")
+            logger.info("applied preset %s to params.yaml", preset)
+        if likely_stale(path):  # a hint, never a decision: MLflow connects meanwhile, DVC decides what runs
+            tracking.prewarm(path, experiment)
+        try:
+            load_params(path / "params.yaml")  # every section valid before any stage starts
+            order = plan(path, stages)
+            todo = stale(str(path), order)
+            if todo:
+                results, summary_md, card = run_stages(path, order, preset, experiment)
+        finally:
+            tracking.discard_prewarmed()  # nothing ran, or the flow failed before its run began
+        if not todo:  # nothing to rebuild, so nothing to track: no MLflow run, no stage tasks
+            logger.info("every stage is up to date (dvc status): nothing to run")
+            results = [{"stage": s, "ran": False, "seconds": 0.0} for s in order]
+            card, summary_md = write_card(path), write_summary(path, results, preset, None)
     create_markdown_artifact(summary_md.read_text() + "\n" + card.read_text(), key="lifecycle-report",
                              description="stages run and skipped, and the report card (plots are in out/report/)")
     ran = [r["stage"] for r in results if r["ran"]]
@@ -230,17 +243,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiment", default="lmforge", help="MLflow experiment name")
     ap.add_argument("--root", default=".", help="project folder (holds dvc.yaml)")
     ap.add_argument("--cron", default="0 3 * * *", help="serve: schedule (cron, UTC)")
+    ap.add_argument("--no-wait", action="store_true",
+                    help="refuse (exit 2) instead of waiting when another run holds this project")
     args = ap.parse_args(argv)
     params = {"preset": args.preset, "stages": args.stages, "experiment": args.experiment, "root": args.root}
     if args.command == "serve":
         lifecycle.serve(name="lifecycle-scheduled", cron=args.cron, parameters=params)
         return 0
     root = Path(args.root).resolve()
-    if args.preset or likely_stale(root):  # before Prefect's engine starts: a second more to connect in
-        tracking.prewarm(root, args.experiment)
     try:
-        lifecycle(**params)
-    except ConfigError as err:
+        # the project lock before Prefect starts: a queued run starts no engine and no ephemeral server
+        with project_lock(root, wait=not args.no_wait):
+            if args.preset or likely_stale(root):  # before Prefect's engine starts: a second more to connect in
+                tracking.prewarm(root, args.experiment)
+            lifecycle(**params)
+    except (ConfigError, Busy) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
