@@ -302,6 +302,8 @@ def stage_overhead_rows(ctx: Context) -> list[Row]:
             continue
         cmd = flow_cmd([stage], list(STAGES))
         ran, cached, direct, tracked, inside, bumps = [], [], [], [], [], []
+        untracked_ran, untracked_cached = [], []
+        untracked = {**env, "LMFORGE_TRACKING": "off"}
         for i in range(ctx.sizes.timed_runs):
             bumps.append(bump(root / "params.yaml", stage))
             log(f"overhead {stage}: flow with {bumps[-1]} ({i + 1}/{ctx.sizes.timed_runs})")
@@ -311,6 +313,10 @@ def stage_overhead_rows(ctx: Context) -> list[Row]:
                 raise BenchError(f"the flow did not re-run {stage} after {bumps[-1]}: {status}")
             inside.append(status[stage][1])
             cached.append(run_cmd(cmd, root, env)[0])
+            log(f"overhead {stage}: the same with MLflow tracking off")
+            bumps.append(bump(root / "params.yaml", stage))
+            untracked_ran.append(run_cmd(cmd, root, untracked)[0])
+            untracked_cached.append(run_cmd(cmd, root, untracked)[0])
             log(f"overhead {stage}: direct execute(), without and with MLflow")
             direct.append(direct_seconds(ctx, root, stage))
             tracked.append(direct_seconds(ctx, root, stage, tracked=True))
@@ -323,4 +329,11 @@ def stage_overhead_rows(ctx: Context) -> list[Row]:
                                min(direct), baseline_name="tasks.stage.execute, NullTracker", at_most=2.0, note=note,
                                flow_ran=ran, flow_cached=cached, direct=direct, direct_tracked=tracked,
                                task_seconds=inside, bumps=bumps))
+        plain = [r - c for r, c in zip(untracked_ran, untracked_cached)]
+        rows.append(excess_row("6u", f"stage_overhead_untracked.{stage}",
+                               f"Per-stage overhead, MLflow tracking off: {stage}", min(plain), min(direct),
+                               baseline_name="tasks.stage.execute, NullTracker", at_most=2.0,
+                               note="the same, LMFORGE_TRACKING=off for the flow: what Prefect and DVC cost alone; "
+                                    "row 6 minus this is the flow's MLflow run (import, store, replay)",
+                               flow_ran=untracked_ran, flow_cached=untracked_cached, direct=direct))
     return rows
