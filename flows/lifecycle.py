@@ -7,6 +7,7 @@ DVC decides what changed, caches and versions; unchanged stages are reported as 
     python -m flows.lifecycle --preset tiny            # write params.yaml from configs/tiny.yaml first
     python -m flows.lifecycle --stages pretrain        # pretrain and whatever it needs that changed
     python -m flows.lifecycle serve --cron "0 3 * * *" # serve a scheduled deployment from this process
+    python -m flows.lifecycle --register --push team   # team stack: registry versions, outputs to DVC remote `team`
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows import report
-from tasks import tracking
+from tasks import registry, tracking
 from tasks.config import STAGES, ConfigError, load_params
 from tasks.preset import apply as apply_preset
 
@@ -128,6 +129,25 @@ def summary(root: Path, results: list[dict], preset: str | None, run_id: str | N
     return "\n".join(lines) + "\n"
 
 
+@task(name="register-models")
+def register_versions(root: str, run_id: str) -> registry.Decision:
+    """New registry versions of the policy and its quantised variants; `champion` moves only if the policy wins."""
+    decision = registry.register_and_promote(Path(root), run_id)
+    get_run_logger().info("registry: %s", decision.reason)
+    return decision
+
+
+@task(name="dvc-push")
+def dvc_push(root: str, remote: str) -> int:
+    """Every cached output of the workspace to the DVC remote `remote`; returns how many files went up."""
+    from dvc.repo import Repo
+
+    with chdir(root), Repo(".") as repo:
+        pushed = repo.push(remote=remote)
+    get_run_logger().info("dvc push -r %s: %d file(s) uploaded", remote, pushed)
+    return pushed
+
+
 @task(name="dvc-status")
 def stale(root: str, order: list[str]) -> list[str]:
     """The stages among `order` that DVC would rebuild now (changed deps, params or missing outputs)."""
@@ -137,9 +157,10 @@ def stale(root: str, order: list[str]) -> list[str]:
         return sorted(repo.status(targets=order))
 
 
-def run_stages(path: Path, order: list[str], preset: str | None, experiment: str) -> tuple[list[dict], Path, Path]:
-    """Reproduce each stage in order under one MLflow parent run; write the summary and the report card.
-    Returns the results and the summary's and card's paths."""
+def run_stages(path: Path, order: list[str], preset: str | None, experiment: str,
+               register_models: bool = False) -> tuple[list[dict], Path, Path]:
+    """Reproduce each stage in order under one MLflow parent run; register the models when asked and the
+    evaluation is new; write the summary and the report card. Returns the results and the two paths."""
     os.environ[tracking.ROOT_ENV] = str(path)  # the flow and its stages share one MLflow store
     # Stage commands say `python`: make it this interpreter, whatever PATH the scheduler gave us.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -150,22 +171,29 @@ def run_stages(path: Path, order: list[str], preset: str | None, experiment: str
                 result = repro(str(path), stage)
             except BaseException:
                 tracking.nest_stage_runs(parent, stage)  # the failed attempts' runs, marked FAILED
+                parent.set_tags({"lmforge.failed_stage": stage})  # the parent run ends FAILED too
                 raise
             results.append(result)
             parent.log_metrics({f"{stage}.seconds": result["seconds"], f"{stage}.ran": float(result["ran"])})
             if result["ran"]:
                 tracking.nest_stage_runs(parent, stage, {"dvc.lock_md5": lock_hash(path, stage)})
-        summary_md, card = write_summaries(path, results, preset, parent.run_id)
+        note = None
+        if register_models and any(r["ran"] and r["stage"] == "evaluate" for r in results) and parent.run_id:
+            decision = register_versions(str(path), parent.run_id)
+            parent.set_tags({"lmforge.champion": decision.champion, "lmforge.candidate": decision.version})
+            note = f"registry: {decision.reason}"
+        summary_md, card = write_summaries(path, results, preset, parent.run_id, note)
         parent.log_artifact(summary_md)
         parent.log_artifact(card.parent, "report")
     return results, summary_md, card
 
 
-def write_summaries(path: Path, results: list[dict], preset: str | None, run_id: str | None) -> tuple[Path, Path]:
+def write_summaries(path: Path, results: list[dict], preset: str | None, run_id: str | None,
+                    note: str | None = None) -> tuple[Path, Path]:
     """out/summary.md (this flow run) and, when the outputs changed since it was drawn, the report card."""
     (path / "out").mkdir(exist_ok=True)
     summary_md = path / "out" / "summary.md"
-    summary_md.write_text(summary(path, results, preset, run_id))
+    summary_md.write_text(summary(path, results, preset, run_id) + (f"\n{note}\n" if note else ""))
     card = report.card_path(path)
     if not report.up_to_date(path):
         report.write(path)
@@ -174,8 +202,10 @@ def write_summaries(path: Path, results: list[dict], preset: str | None, run_id:
 
 @flow(name="lifecycle", log_prints=True)
 def lifecycle(preset: str | None = None, stages: list[str] | None = None, experiment: str = "lmforge",
-              root: str = ".") -> list[dict]:
-    """Run the lifecycle's stages (or a subset and what it needs) through DVC, tracked in MLflow."""
+              root: str = ".", register: bool = False, push: str | None = None) -> list[dict]:
+    """Run the lifecycle's stages (or a subset and what it needs) through DVC, tracked in MLflow; with
+    `register`, a new evaluation registers the models (tasks/registry.py); with `push`, the outputs go to
+    that DVC remote at the end of a successful run."""
     logger = get_run_logger()
     path = Path(root).resolve()
     if preset:
@@ -184,13 +214,15 @@ def lifecycle(preset: str | None = None, stages: list[str] | None = None, experi
     load_params(path / "params.yaml")  # every section valid before any stage starts
     order = plan(path, stages)
     if stale(str(path), order):
-        results, summary_md, card = run_stages(path, order, preset, experiment)
+        results, summary_md, card = run_stages(path, order, preset, experiment, register)
     else:  # nothing to rebuild, so nothing to track: no MLflow run, no stage tasks
         logger.info("every stage is up to date (dvc status): nothing to run")
         results = [{"stage": s, "ran": False, "seconds": 0.0} for s in order]
         summary_md, card = write_summaries(path, results, preset, None)
     create_markdown_artifact(summary_md.read_text() + "\n" + card.read_text(), key="lifecycle-report",
                              description="stages run and skipped, and the report card (plots are in out/report/)")
+    if push:
+        dvc_push(str(path), push)
     ran = [r["stage"] for r in results if r["ran"]]
     logger.info("ran: %s; skipped: %s", ", ".join(ran) or "none",
                 ", ".join(r["stage"] for r in results if not r["ran"]) or "none")
@@ -206,8 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiment", default="lmforge", help="MLflow experiment name")
     ap.add_argument("--root", default=".", help="project folder (holds dvc.yaml)")
     ap.add_argument("--cron", default="0 3 * * *", help="serve: schedule (cron, UTC)")
+    ap.add_argument("--register", action="store_true", help="register the models when the evaluation is new")
+    ap.add_argument("--push", metavar="REMOTE", help="after a successful run, push the outputs to this DVC remote")
     args = ap.parse_args(argv)
-    params = {"preset": args.preset, "stages": args.stages, "experiment": args.experiment, "root": args.root}
+    params = {"preset": args.preset, "stages": args.stages, "experiment": args.experiment, "root": args.root,
+              "register": args.register, "push": args.push}
     if args.command == "serve":
         lifecycle.serve(name="lifecycle-scheduled", cron=args.cron, parameters=params)
         return 0
