@@ -257,7 +257,9 @@ def _db_env(stack: Stack, creds: dict[str, str]) -> dict[str, str]:
 
 def start_mlflow(stack: Stack, creds: dict[str, str]) -> None:
     store = f"postgresql+psycopg://{DB_ROLE}@127.0.0.1:{stack.ports['postgres']}/mlflow"
-    env = {**_db_env(stack, creds), **stack.client_env(creds), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    # no job runner: it serves GenAI evaluation jobs lmforge does not use, and costs a process and seconds
+    env = {**_db_env(stack, creds), **stack.client_env(creds), "MLFLOW_DISABLE_TELEMETRY": "true",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     spawn(stack, "mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(stack.ports["mlflow"]),
                             "--backend-store-uri", store, "--artifacts-destination", f"s3://{MLFLOW_BUCKET}/artifacts",
                             "--workers", "1"], env)

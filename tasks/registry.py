@@ -105,7 +105,9 @@ def register(root: Path, run_id: str) -> tuple[dict[str, str], dict[str, str]]:
             path = f"registry/{name}"
             client.log_artifacts(run_id, str(folder), path)
             _ensure_model(client, name)
-            mv = client.create_model_version(name, f"{artifact_root}/{path}", run_id=run_id, tags=tags,
+            # the variants name their policy's version: their champion follows it (_follow)
+            own = tags if name == POLICY else {**tags, f"{TAG}policy_version": versions[POLICY]}
+            mv = client.create_model_version(name, f"{artifact_root}/{path}", run_id=run_id, tags=own,
                                              description=f"lmforge {variant} policy, run {run_id}")
             client.set_registered_model_alias(name, CANDIDATE, mv.version)
             versions[name] = mv.version
@@ -162,8 +164,8 @@ def promote(versions: dict[str, str], tags: dict[str, str]) -> Decision:
         time.sleep(0.2)
     final = champion(client)
     promoted = final is not None and str(final.version) == mine
-    if promoted:
-        _follow(client, versions, mine)
+    if final is not None:  # every promoter, winner or not, so the variants agree with the final champion
+        _follow(client, [n for n in versions if n != POLICY], str(final.version))
     value = float(tags[f"{TAG}gate_value"])
     if promoted:
         reason = (f"v{mine} is champion: {metric} {value:.4g} beats v{before.version}'s {_value(before):.4g}"
@@ -175,11 +177,13 @@ def promote(versions: dict[str, str], tags: dict[str, str]) -> Decision:
     return Decision(mine, str(final.version) if final else "", promoted, reason, versions)
 
 
-def _follow(client, versions: dict[str, str], policy_version: str) -> None:
+def _follow(client, names: list[str], policy_version: str) -> None:
     """The quantised variants' champions are the ones made with the champion policy."""
-    for name, version in versions.items():
-        if name != POLICY:
-            client.set_registered_model_alias(name, CHAMPION, version)
+    for name in names:
+        made = [mv.version for mv in client.search_model_versions(f"name='{name}'", max_results=10000)
+                if mv.tags.get(f"{TAG}policy_version") == policy_version]
+        if made:
+            client.set_registered_model_alias(name, CHAMPION, made[0])
 
 
 def register_and_promote(root: Path, run_id: str) -> Decision:
