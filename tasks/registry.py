@@ -20,8 +20,10 @@ until the alias agrees, so the last writer cannot leave a worse version in place
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -189,3 +191,18 @@ def _follow(client, names: list[str], policy_version: str) -> None:
 def register_and_promote(root: Path, run_id: str) -> Decision:
     versions, tags = register(root, run_id)
     return promote(versions, tags)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Register a finished run's outputs by hand: python -m tasks.registry RUN_ID [--root DIR]."""
+    ap = argparse.ArgumentParser(prog="python -m tasks.registry", description=main.__doc__)
+    ap.add_argument("run_id", help="the MLflow run the models are logged under (the flow's parent run)")
+    ap.add_argument("--root", default=".", help="project folder (holds out/ and params.yaml)")
+    args = ap.parse_args(argv)
+    decision = register_and_promote(Path(args.root).resolve(), args.run_id)
+    print(json.dumps(decision.__dict__))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -245,13 +244,12 @@ def test_two_clones_run_at_once_and_registrations_race(bob, stack, team):
              for p in (stack.root, bob)]
     client = _mlflow(stack)
     run_id = client.create_run(client.get_experiment_by_name(EXPERIMENT).experiment_id, run_name="race").info.run_id
-    decisions: list = []
-    racers = [threading.Thread(target=lambda: decisions.append(registry.register_and_promote(stack.root, run_id)))
+    racers = [subprocess.Popen([sys.executable, "-m", "tasks.registry", run_id], cwd=stack.root, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **team_env(stack)})
               for _ in range(2)]
-    for t in racers:
-        t.start()
-    for t in racers:
-        t.join()
+    raced = [r.communicate(timeout=300) for r in racers]
+    assert [r.returncode for r in racers] == [0, 0], "\n\n".join(err[-3000:] for _, err in raced)
+    decisions = [registry.Decision(**json.loads(out.splitlines()[-1])) for out, _ in raced]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n\n".join(o[-3000:] for o in outputs)
 
