@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,7 +251,7 @@ def start_s3(stack: Stack, creds: dict[str, str]) -> None:
                 raise
 
 
-def _db_env(stack: Stack, creds: dict[str, str]) -> dict[str, str]:
+def _db_env(creds: dict[str, str]) -> dict[str, str]:
     # libpq (psycopg) and asyncpg read PGPASSWORD: the password stays out of URLs, arguments and logs
     return {"PGPASSWORD": creds["LMFORGE_PG_PASSWORD"]}
 
@@ -258,7 +259,7 @@ def _db_env(stack: Stack, creds: dict[str, str]) -> dict[str, str]:
 def start_mlflow(stack: Stack, creds: dict[str, str]) -> None:
     store = f"postgresql+psycopg://{DB_ROLE}@127.0.0.1:{stack.ports['postgres']}/mlflow"
     # no job runner: it serves GenAI evaluation jobs lmforge does not use, and costs a process and seconds
-    env = {**_db_env(stack, creds), **stack.client_env(creds), "MLFLOW_DISABLE_TELEMETRY": "true",
+    env = {**_db_env(creds), **stack.client_env(creds), "MLFLOW_DISABLE_TELEMETRY": "true",
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     spawn(stack, "mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(stack.ports["mlflow"]),
                             "--backend-store-uri", store, "--artifacts-destination", f"s3://{MLFLOW_BUCKET}/artifacts",
@@ -266,7 +267,7 @@ def start_mlflow(stack: Stack, creds: dict[str, str]) -> None:
 
 
 def start_prefect(stack: Stack, creds: dict[str, str]) -> None:
-    env = {**_db_env(stack, creds), **_prefect_env(stack),
+    env = {**_db_env(creds), **_prefect_env(stack),
            "PREFECT_API_DATABASE_CONNECTION_URL":
                f"postgresql+asyncpg://{DB_ROLE}@127.0.0.1:{stack.ports['postgres']}/prefect",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false"}

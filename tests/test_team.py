@@ -164,10 +164,18 @@ def test_worker_runs_the_deployment_into_the_shared_stores(stack, scheduled_run,
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterStateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
     with temporary_settings(updates={PREFECT_API_URL: stack.url("prefect") + "/api"}):
         with get_client(sync_client=True) as prefect:
             deployment = prefect.read_deployment_by_name("lifecycle/nightly")
+            scheduled = prefect.read_flow_runs(  # what the server's scheduler queued for the worker
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+                flow_run_filter=FlowRunFilter(state=dict(type=FlowRunFilterStateType(any_=["SCHEDULED"]))),
+                sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=50)  # explicit: this server refuses nulls
     assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+    assert scheduled and {(r.expected_start_time.hour, r.expected_start_time.minute) for r in scheduled} == {(3, 0)}
 
     client = _mlflow(stack)
     runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
