@@ -202,9 +202,9 @@ def write_summaries(path: Path, results: list[dict], preset: str | None, run_id:
 
 @flow(name="lifecycle", log_prints=True)
 def lifecycle(preset: str | None = None, stages: list[str] | None = None, experiment: str = "lmforge",
-              root: str = ".", register: bool = False, push: str | None = None) -> list[dict]:
+              root: str = ".", register_models: bool = False, push: str | None = None) -> list[dict]:
     """Run the lifecycle's stages (or a subset and what it needs) through DVC, tracked in MLflow; with
-    `register`, a new evaluation registers the models (tasks/registry.py); with `push`, the outputs go to
+    `register_models`, a new evaluation registers the models (tasks/registry.py); with `push`, the outputs go to
     that DVC remote at the end of a successful run."""
     logger = get_run_logger()
     path = Path(root).resolve()
@@ -214,7 +214,7 @@ def lifecycle(preset: str | None = None, stages: list[str] | None = None, experi
     load_params(path / "params.yaml")  # every section valid before any stage starts
     order = plan(path, stages)
     if stale(str(path), order):
-        results, summary_md, card = run_stages(path, order, preset, experiment, register)
+        results, summary_md, card = run_stages(path, order, preset, experiment, register_models)
     else:  # nothing to rebuild, so nothing to track: no MLflow run, no stage tasks
         logger.info("every stage is up to date (dvc status): nothing to run")
         results = [{"stage": s, "ran": False, "seconds": 0.0} for s in order]
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--push", metavar="REMOTE", help="after a successful run, push the outputs to this DVC remote")
     args = ap.parse_args(argv)
     params = {"preset": args.preset, "stages": args.stages, "experiment": args.experiment, "root": args.root,
-              "register": args.register, "push": args.push}
+              "register_models": args.register, "push": args.push}
     if args.command == "serve":
         lifecycle.serve(name="lifecycle-scheduled", cron=args.cron, parameters=params)
         return 0
