@@ -27,12 +27,15 @@ export TOKENIZERS_PARALLELISM := false
 # The environment: uv (bootstrapped from the registry into the venv; pip where it cannot be had) installs the
 # CPU torch wheel first (a plain `torch` would pull the CUDA build), then the project, both under the lock.
 # PIP_FIND_LINKS, where a machine sets it, is where a local torch wheel lies; uv is told about it too.
+# Bytecode is compiled at install, as pip does and uv does not by default: where PYTHONDONTWRITEBYTECODE is set
+# nothing else would ever write it, and every stage process would recompile torch, transformers and MLflow
+# from source (measured: `import tasks.sft` 6.9 s with bytecode, 16.9 s without).
 $(STAMP): pyproject.toml infra/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@if $(BIN)/python -m pip install -q uv 2>/dev/null; then \
 		echo "installing with uv"; \
-		$(BIN)/uv pip install -q --python $(BIN)/python $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) \
-			-c infra/constraints.txt torch==2.13.0 -e '.[dev,team]'; \
+		$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python \
+			$(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) -c infra/constraints.txt torch==2.13.0 -e '.[dev,team]'; \
 	else \
 		echo "uv unavailable: installing with pip (slower)"; \
 		$(BIN)/python -m pip install -q --upgrade pip && \
@@ -71,7 +74,7 @@ test-compat: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
 
 bench: $(STAMP)
-	$(BIN)/uv pip install -q --python $(BIN)/python -c infra/constraints.txt -e '.[bench]' 2>/dev/null \
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c infra/constraints.txt -e '.[bench]' 2>/dev/null \
 		|| $(BIN)/python -m pip install -q -c infra/constraints.txt -e '.[bench]'
 	$(BIN)/python -m bench
 

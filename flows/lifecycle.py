@@ -73,6 +73,18 @@ def plan(root: Path, targets: list[str] | None) -> list[str]:
     return [st.name for st in order]
 
 
+def likely_stale(root: Path) -> bool:
+    """A cheap guess (file times, no hashing) that DVC will find work: no dvc.lock yet, or params, the
+    pipeline or the code changed after it was written. Only used to start MLflow's slow connection early;
+    `stale` (DVC's status) decides. A wrong guess costs a second of CPU on another core, or that second."""
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        return True
+    written = lock.stat().st_mtime
+    watched = [root / "params.yaml", root / "dvc.yaml", *root.glob("tasks/*.py")]
+    return any(p.stat().st_mtime > written for p in watched if p.exists())
+
+
 def lock_hash(root: Path, stage: str) -> str:
     """A digest of the stage's dvc.lock entry (its deps, params and outs hashes)."""
     lock = root / "dvc.lock"
@@ -165,6 +177,7 @@ def run_stages(path: Path, order: list[str], preset: str | None, experiment: str
     # Stage commands say `python`: make it this interpreter, whatever PATH the scheduler gave us.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     results: list[dict] = []
+    report.preload()  # matplotlib's import (~2 s) happens while the first stage runs, not after the last
     with tracking.flow_run("lifecycle", experiment, {"preset": preset or "", "stages": ",".join(order)}) as parent:
         for stage in order:
             try:
@@ -177,27 +190,32 @@ def run_stages(path: Path, order: list[str], preset: str | None, experiment: str
             parent.log_metrics({f"{stage}.seconds": result["seconds"], f"{stage}.ran": float(result["ran"])})
             if result["ran"]:
                 tracking.nest_stage_runs(parent, stage, {"dvc.lock_md5": lock_hash(path, stage)})
+        card = write_card(path)  # before the run id is asked for: the tracker may still be connecting
         note = None
         if register_models and any(r["ran"] and r["stage"] == "evaluate" for r in results) and parent.run_id:
             decision = register_versions(str(path), parent.run_id)
             parent.set_tags({"lmforge.champion": decision.champion, "lmforge.candidate": decision.version})
             note = f"registry: {decision.reason}"
-        summary_md, card = write_summaries(path, results, preset, parent.run_id, note)
+        summary_md = write_summary(path, results, preset, parent.run_id, note)
         parent.log_artifact(summary_md)
         parent.log_artifact(card.parent, "report")
     return results, summary_md, card
 
 
-def write_summaries(path: Path, results: list[dict], preset: str | None, run_id: str | None,
-                    note: str | None = None) -> tuple[Path, Path]:
-    """out/summary.md (this flow run) and, when the outputs changed since it was drawn, the report card."""
+def write_summary(path: Path, results: list[dict], preset: str | None, run_id: str | None,
+                  note: str | None = None) -> Path:
+    """out/summary.md: what this flow run ran and skipped (and `note`: the registry's decision)."""
     (path / "out").mkdir(exist_ok=True)
     summary_md = path / "out" / "summary.md"
     summary_md.write_text(summary(path, results, preset, run_id) + (f"\n{note}\n" if note else ""))
-    card = report.card_path(path)
+    return summary_md
+
+
+def write_card(path: Path) -> Path:
+    """The report card, redrawn only when the stages' outputs changed since it was drawn."""
     if not report.up_to_date(path):
         report.write(path)
-    return summary_md, card
+    return report.card_path(path)
 
 
 @flow(name="lifecycle", log_prints=True)
@@ -211,14 +229,20 @@ def lifecycle(preset: str | None = None, stages: list[str] | None = None, experi
     if preset:
         apply_preset(preset, path / "params.yaml", path / "configs")
         logger.info("applied preset %s to params.yaml", preset)
-    load_params(path / "params.yaml")  # every section valid before any stage starts
-    order = plan(path, stages)
-    if stale(str(path), order):
-        results, summary_md, card = run_stages(path, order, preset, experiment, register_models)
-    else:  # nothing to rebuild, so nothing to track: no MLflow run, no stage tasks
+    if likely_stale(path):  # a hint, never a decision: MLflow connects meanwhile, DVC decides what runs
+        tracking.prewarm(path, experiment)
+    try:
+        load_params(path / "params.yaml")  # every section valid before any stage starts
+        order = plan(path, stages)
+        todo = stale(str(path), order)
+        if todo:
+            results, summary_md, card = run_stages(path, order, preset, experiment, register_models)
+    finally:
+        tracking.discard_prewarmed()  # nothing ran, or the flow failed before its run began
+    if not todo:  # nothing to rebuild, so nothing to track: no MLflow run, no stage tasks
         logger.info("every stage is up to date (dvc status): nothing to run")
         results = [{"stage": s, "ran": False, "seconds": 0.0} for s in order]
-        summary_md, card = write_summaries(path, results, preset, None)
+        card, summary_md = write_card(path), write_summary(path, results, preset, None)
     create_markdown_artifact(summary_md.read_text() + "\n" + card.read_text(), key="lifecycle-report",
                              description="stages run and skipped, and the report card (plots are in out/report/)")
     if push:
@@ -246,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         lifecycle.serve(name="lifecycle-scheduled", cron=args.cron, parameters=params)
         return 0
+    root = Path(args.root).resolve()
+    if args.preset or likely_stale(root):  # before Prefect's engine starts: a second more to connect in
+        tracking.prewarm(root, args.experiment)
     try:
         lifecycle(**params)
     except ConfigError as err:

@@ -262,6 +262,20 @@ def write(root: str | Path = ".", title: str = "lmforge report card") -> Path:
     return path
 
 
+def preload() -> None:
+    """Import matplotlib in a background thread: a flow calls this before its stages, whose subprocesses
+    leave this process idle, so the card is drawn without waiting for the import afterwards."""
+    import threading
+
+    def load():
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+
+    threading.Thread(target=load, name="lmforge-preload-matplotlib", daemon=True).start()
+
+
 def card_path(root: str | Path = ".") -> Path:
     return Path(root) / "out" / "report" / "report.md"
 

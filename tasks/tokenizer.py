@@ -36,30 +36,101 @@ def special_tokens(cfg: TokenizerConfig) -> list[str]:
     return specials
 
 
+def bpe_pattern(cfg: TokenizerConfig) -> str:
+    """The regex that cuts text into the pieces byte-level BPE merges within (never across).
+
+    One pattern serves training (rustbpe or the HF trainer) and encoding (the saved pre-tokenizer), so
+    what the merges were learned on is what they are applied to.
+    """
+    if cfg.pre_tokenizer == "gpt4":
+        # a word keeps one leading non-letter ("_name", ".append", "(self"), newlines stay with the punctuation
+        # before them. On the default corpus: 2.81 held-out bytes/token against gpt2's 2.71, yet the default
+        # 4M-parameter model, at the same step budget, ended worse per byte (base 2.55 vs 2.47 bits/byte on pydoc)
+        number = r"\p{N}" if cfg.split_digits else r"\p{N}{1,3}"
+        return (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|" + number
+                + r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+    # GPT-2's regex. Split digits stand alone, and the spaces before them make one piece.
+    number = r"\p{N}|\s+(?=\p{N})" if cfg.split_digits else r" ?\p{N}+"
+    # gpt2_eol: a line's end joins the punctuation before it ("):\n", ",\n"), the rest is GPT-2's; on the
+    # default corpus +3.5% bytes/token (2.80 vs 2.70 held out), see bench/results/
+    punct = r" ?[^\s\p{L}\p{N}]+" + (r"[\r\n]*" if cfg.pre_tokenizer == "gpt2_eol" else "")
+    return r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|" + number + "|" + punct + r"|\s+(?!\S)|\s+"
+
+
+def bpe_pre_tokenizer(cfg: TokenizerConfig):
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(bpe_pattern(cfg)), "isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
+def byte_symbols() -> dict[int, str]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table, which `tokenizers` uses too):
+    printable Latin-1 bytes stand for themselves, the others move to code points from 256 on."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def merges_from_ranks(ranks: list[tuple[bytes, int]]) -> list[tuple[bytes, bytes]]:
+    """The merge list behind tiktoken-style ranks: a token of rank r is what BPE over its bytes, using only
+    ranks below r, joins last; that join is its merge."""
+    rank = dict(ranks)
+    merges = []
+    for token, r in sorted(ranks, key=lambda x: x[1]):
+        if len(token) < 2:
+            continue
+        parts = [token[i : i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            best = min(range(len(parts) - 1), key=lambda i: rank.get(parts[i] + parts[i + 1], r))
+            if rank.get(parts[best] + parts[best + 1], r) >= r:
+                break
+            parts[best : best + 2] = [parts[best] + parts[best + 1]]
+        if len(parts) != 2:
+            raise RuntimeError(f"rustbpe ranks are not a merge sequence at rank {r}: {token!r}")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def train_rustbpe(cfg: TokenizerConfig, texts: list[str], specials: list[str]):
+    """Byte-level BPE merges learned by rustbpe (Rust, parallel counting), as a `tokenizers` BPE model with
+    the same pre-tokenizer: specials take the first ids, then the 256 bytes, then the merges in order."""
+    import rustbpe
+    from tokenizers import Tokenizer, decoders, models
+
+    learner = rustbpe.Tokenizer()
+    learner.train_from_iterator(iter(texts), cfg.vocab_size - len(specials), pattern=bpe_pattern(cfg))
+    ranks = learner.get_mergeable_ranks()
+    sym = byte_symbols()
+    text_of = lambda token: "".join(sym[b] for b in token)  # noqa: E731
+    vocab = {t: i for i, t in enumerate(specials)}
+    vocab.update({text_of(token): len(specials) + r for token, r in ranks})
+    merges = [(text_of(a), text_of(b)) for a, b in merges_from_ranks(ranks)]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = bpe_pre_tokenizer(cfg)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    return tok
+
+
 def build(cfg: TokenizerConfig):
     """An untrained tokenizer: model, normalizer, pre-tokenizer and decoder for `cfg.kind`."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    digits = [pre_tokenizers.Digits(individual_digits=True)] if cfg.split_digits else []
     if cfg.kind == "bpe":
         tok = Tokenizer(models.BPE())
         tok.decoder = decoders.ByteLevel()
-        if cfg.pre_tokenizer == "gpt2":
-            # Digits first: the byte-level regex would otherwise keep " 123" together
-            tok.pre_tokenizer = pre_tokenizers.Sequence([*digits, pre_tokenizers.ByteLevel(add_prefix_space=False)])
-            return tok
-        # GPT-4's pieces, one regex pass, then bytes to symbols: a word keeps one leading non-letter
-        # ("_name", ".append", "(self"), newlines stay with the punctuation before them. On the default corpus:
-        # 2.81 held-out bytes/token against gpt2's 2.71, yet the default 4M-parameter model, at the same step
-        # budget, ends worse per byte (base 2.55 vs 2.47 bits/byte on pydoc) and SFT accuracy fell 0.09 -> 0.035.
-        number = r"\p{N}" if cfg.split_digits else r"\p{N}{1,3}"
-        pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|" + number
-                   + r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(pattern), "isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        tok.pre_tokenizer = bpe_pre_tokenizer(cfg)
         return tok
+    digits = [pre_tokenizers.Digits(individual_digits=True)] if cfg.split_digits else []
     # prepend_scheme="never": no invented leading space, so text between chat specials round-trips exactly
     metaspace = dict(replacement="▁", prepend_scheme="never")
     # a run of spaces stays with the word after it ("▁▁▁▁return"): indented code is cheap, as with
@@ -83,6 +154,10 @@ def build(cfg: TokenizerConfig):
     tok.normalizer = normalizers.NFC()  # canonical composition only: never changes what the text says
     tok.pre_tokenizer = pre_tokenizers.Sequence([*words, *digits])
     return tok
+
+
+def trainer_name(cfg: TokenizerConfig) -> str:
+    return cfg.bpe_trainer if cfg.kind == "bpe" else "hf"
 
 
 def trainer(cfg: TokenizerConfig, specials: list[str]):
@@ -221,9 +296,12 @@ def run(cfg: TokenizerConfig, *, corpus: Path, out: Path, tracker) -> dict:
     texts = [t for ts in train.values() for t in ts]
     check_vocab(cfg, texts)
 
-    tok = build(cfg)
     start = time.perf_counter()
-    tok.train_from_iterator(_batches(texts), trainer=trainer(cfg, special_tokens(cfg)), length=len(texts))
+    if cfg.kind == "bpe" and cfg.bpe_trainer == "rustbpe":
+        tok = train_rustbpe(cfg, texts, special_tokens(cfg))
+    else:
+        tok = build(cfg)
+        tok.train_from_iterator(_batches(texts), trainer=trainer(cfg, special_tokens(cfg)), length=len(texts))
     train_time = time.perf_counter() - start
     if tok.get_vocab_size() > cfg.vocab_size:  # WordPiece adds "##" forms of the characters to its alphabet
         raise ConfigError(
@@ -233,6 +311,7 @@ def run(cfg: TokenizerConfig, *, corpus: Path, out: Path, tracker) -> dict:
 
     metrics = {
         "vocab_size": tok.get_vocab_size(),
+        "trainer": trainer_name(cfg),
         "train_time_s": round(train_time, 2),
         "train_chars": sum(map(len, texts)),
         "train_chars_per_source": {s: sum(map(len, ts)) for s, ts in train.items()},

@@ -18,6 +18,7 @@ import os
 import queue
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -86,17 +87,23 @@ class MlflowTracker:
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
-    def log_metrics(self, metrics, step=None, timestamp_ms=None):
+    @staticmethod
+    def _metrics(metrics, step=None, timestamp_ms=None) -> list:
         from mlflow.entities import Metric
 
         now = timestamp_ms or int(time.time() * 1000)
-        items = [
+        return [
             Metric(k, float(v), now, step or 0)
             for k, v in flatten(metrics).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         ]
-        if items:
-            self.client.log_batch(self.run_id, metrics=items)
+
+    def _log_metric_items(self, items: list) -> None:
+        for i in range(0, len(items), 1000):  # MLflow caps a batch at 1000 metrics; each batch is one commit
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def log_metrics(self, metrics, step=None, timestamp_ms=None):
+        self._log_metric_items(self._metrics(metrics, step, timestamp_ms))
 
     def log_artifact(self, path, artifact_path=None):
         path = Path(path)
@@ -127,18 +134,20 @@ class MlflowTracker:
         run = self.client.create_run(self.experiment_id, run_name=start["name"], start_time=start["time"],
                                      tags={**start["tags"], "mlflow.parentRunId": self.run_id})
         child, status, end = MlflowTracker(self.client, run.info.run_id, self.experiment_id), "FAILED", None
+        metrics = []  # every step's metrics in a few batches, not a commit per logging call
         for call in calls[1:]:
             op = call["op"]
             if op == "params":
                 child.log_params(call["data"])
             elif op == "metrics":
-                child.log_metrics(call["data"], call["step"], call["time"])
+                metrics += child._metrics(call["data"], call["step"], call["time"])
             elif op == "artifact":
                 child.log_artifact(journal.parent / call["path"], call["artifact_path"])
             elif op == "tags":
                 child.set_tags(call["data"])
             elif op == "end":
                 status, end = call["status"], call["time"]
+        child._log_metric_items(metrics)
         if status == "FINISHED":  # the caller's tags (DVC's lock hash) describe the attempt that made the outputs
             child.set_tags(tags)
         self.client.set_terminated(run.info.run_id, status, end_time=end)
@@ -264,6 +273,116 @@ class BackgroundTracker:
             self._worker.join()
 
 
+class ProcessTracker:
+    """An MlflowTracker in a child process, for the flow's parent run.
+
+    Importing MLflow and opening its store take seconds of CPU; in a thread they would hold the GIL against
+    the flow's own work (DVC's planning, the report card). A child process does them on another core
+    while the flow plans and runs its first stage, and replays the stages' journals there. Calls go as JSON lines down its stdin; only the
+    waits (`run_id`, `log_artifact`, `close`) read an answer back. Errors surface at those waits.
+    """
+
+    def __init__(self, root: Path, experiment: str):
+        env = {**os.environ, ROOT_ENV: str(root)}
+        # its messages (MLflow's "creating tables"...) go to a file, read back into the error if it fails
+        self._log = tempfile.TemporaryFile("w+")
+        self._proc = subprocess.Popen([sys.executable, "-c", "from tasks.tracking import _serve; _serve()"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env,
+                                      text=True, bufsize=1)
+        self._run_id: str | None = None
+        self._send("connect", experiment)
+
+    def _send(self, op: str, *args, wait: bool = False):
+        try:
+            self._proc.stdin.write(json.dumps([op, args, wait], default=str) + "\n")
+            self._proc.stdin.flush()
+            answer = self._proc.stdout.readline() if wait else "{}"
+        except (OSError, ValueError):  # a broken pipe, or a write after close
+            answer = ""
+        if not answer:
+            self._log.seek(0)
+            tail = " | ".join(self._log.read().strip().splitlines()[-3:])
+            raise RuntimeError(f"MLflow tracking ({tracking_uri()}) failed: its process exited "
+                               f"({self._proc.poll()}): {tail or 'no message'}")
+        reply = json.loads(answer)
+        if "error" in reply:
+            raise RuntimeError(f"MLflow tracking ({tracking_uri()}) failed: {reply['error']}")
+        return reply.get("value")
+
+    def start(self, name: str, tags: Mapping[str, str]) -> "ProcessTracker":
+        self._send("start", name, {k: str(v) for k, v in tags.items()})
+        return self
+
+    @property
+    def run_id(self) -> str | None:
+        if self._run_id is None:
+            self._run_id = self._send("run_id", wait=True)
+        return self._run_id
+
+    def log_params(self, params):
+        self._send("log_params", flatten(params))
+
+    def log_metrics(self, metrics, step=None):
+        self._send("log_metrics", flatten(metrics), step, int(time.time() * 1000))
+
+    def log_artifact(self, path, artifact_path=None):
+        self._send("log_artifact", str(path), artifact_path, wait=True)
+
+    def set_tags(self, tags):
+        self._send("set_tags", dict(tags))
+
+    def replay(self, journal: Path, tags: Mapping[str, str]) -> None:
+        self._send("replay", str(journal), dict(tags))
+
+    def close(self, status: str) -> None:
+        """Finish the run with `status` once every call before is done, and wait for the process."""
+        try:
+            if self._proc.poll() is None:
+                self.run_id  # noqa: B018 - kept for after the close, as BackgroundTracker keeps it
+                self._send("_terminate", status, wait=True)
+        finally:
+            try:
+                self._proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self._proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._log.close()
+
+
+def _serve() -> None:
+    """ProcessTracker's child: connect, then run each call in order; answer the waits on stdout."""
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # MLflow's own prints go to stderr, never into the answers
+    tracker: MlflowTracker | None = None
+    client = experiment_id = error = None
+    for line in sys.stdin:
+        op, args, wait = json.loads(line)
+        value = None
+        if error is None:
+            try:
+                if op == "connect":
+                    client = _client()
+                    experiment_id = _experiment_id(client, args[0])
+                elif op == "start":
+                    tags = {"lmforge.git_commit": git_commit(project_root()), **args[1]}
+                    run = client.create_run(experiment_id, run_name=args[0], tags=tags)
+                    tracker = MlflowTracker(client, run.info.run_id, experiment_id)
+                elif op == "run_id":
+                    value = tracker.run_id
+                elif op == "replay":
+                    tracker.replay(Path(args[0]), args[1])
+                else:
+                    getattr(tracker, op)(*args)
+            except Exception as err:  # noqa: BLE001 - answered at the next wait
+                error = f"{type(err).__name__}: {err}"
+        if wait:
+            answers.write(json.dumps({"error": error} if error else {"value": value}) + "\n")
+
+
 # ------------------------------------------------------------------------------------------- set-up
 def enabled() -> bool:
     return os.environ.get(SWITCH_ENV, "on").lower() not in {"off", "0", "false", "no"}
@@ -352,10 +471,32 @@ def stage_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | N
         yield tracker
 
 
+_warm: dict[tuple[str, str], ProcessTracker] = {}
+
+
+def prewarm(root: str | Path, experiment: str) -> None:
+    """Start the flow's tracking process now (it takes seconds to connect), for a `flow_run` to come."""
+    key = (str(Path(root).resolve()), experiment)
+    if enabled() and key not in _warm:
+        _warm[key] = ProcessTracker(Path(key[0]), experiment)
+
+
+def discard_prewarmed() -> None:
+    """Let go of prewarmed processes no run used: each ends by itself once connected, never killed while
+    it may be writing to the store, and nobody waits for it."""
+    while _warm:
+        tracker = _warm.popitem()[1]
+        try:
+            tracker._proc.stdin.close()
+        except OSError:
+            pass
+
+
 @contextmanager
 def flow_run(name: str, experiment: str, params: Mapping[str, Any]) -> Iterator[Tracker]:
-    """The parent run of one flow run. It connects in the background; stage processes started inside
-    journal their calls, which `nest_stage_runs` replays into runs nested under it."""
+    """The parent run of one flow run, in a tracking process (`prewarm`ed, or started now to connect while
+    the first stage runs). Stage processes started inside journal their calls, which `nest_stage_runs`
+    replays under it."""
     if not enabled():
         yield NullTracker()
         return
@@ -363,8 +504,9 @@ def flow_run(name: str, experiment: str, params: Mapping[str, Any]) -> Iterator[
     journal = tempfile.mkdtemp(prefix="lmforge-journal-")
     previous = os.environ.get(JOURNAL_ENV)
     os.environ[JOURNAL_ENV] = journal
+    tracker = _warm.pop((str(project_root()), experiment), None) or ProcessTracker(project_root(), experiment)
     try:
-        with _run(name, {"lmforge.flow": name}, None, experiment) as tracker:
+        with _closing(tracker.start(name, {"lmforge.flow": name})) as tracker:
             tracker.log_params(params)
             yield tracker
     finally:  # the run is closed: every queued replay is done
@@ -378,7 +520,7 @@ def flow_run(name: str, experiment: str, params: Mapping[str, Any]) -> Iterator[
 def nest_stage_runs(parent: Tracker, stage: str, tags: Mapping[str, str] | None = None) -> None:
     """Queue the journals of `stage` (one per attempt) for replay under `parent`; returns at once."""
     folder = os.environ.get(JOURNAL_ENV)
-    if not isinstance(parent, BackgroundTracker) or not folder:
+    if not isinstance(parent, (BackgroundTracker, ProcessTracker)) or not folder:
         return
     for journal in sorted(Path(folder).glob(f"{stage}-*.jsonl")):
         parent.replay(journal, tags or {})

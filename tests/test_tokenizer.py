@@ -97,6 +97,8 @@ def test_digits_split_and_specials_single(trained):
 @pytest.mark.parametrize("pre, split_digits, pieces", [
     ("gpt2", True, ["x", ".", "append", "(", "self", ")", "\n    ", "1", "2", "3", "4", " it", "'s"]),
     ("gpt2", False, ["x", ".", "append", "(", "self", ")", "\n   ", " 1234", " it", "'s"]),
+    ("gpt2_eol", True, ["x", ".", "append", "(", "self", ")\n", "    ", "1", "2", "3", "4", " it", "'s"]),
+    ("gpt2_eol", False, ["x", ".", "append", "(", "self", ")\n", "   ", " 1234", " it", "'s"]),
     ("gpt4", True, ["x", ".append", "(self", ")\n", "   ", " ", "1", "2", "3", "4", " it", "'s"]),
     ("gpt4", False, ["x", ".append", "(self", ")\n", "   ", " ", "123", "4", " it", "'s"]),
 ])
@@ -109,6 +111,51 @@ def test_bpe_pieces(pre, split_digits, pieces):
     tok = build(TokenizerConfig(kind="bpe", split_digits=split_digits, pre_tokenizer=pre))
     got = [decoders.ByteLevel().decode([p]) for p, _ in tok.pre_tokenizer.pre_tokenize_str("x.append(self)\n    1234 it's")]
     assert got == pieces
+
+
+@pytest.mark.parametrize("pre", ["gpt2", "gpt2_eol", "gpt4"])
+def test_rustbpe_tokenizer_encodes_as_rustbpe_does(corpus, tmp_path, pre):
+    """The tokenizer.json built from rustbpe's ranks (merges recovered, HF's regex engine) cuts and merges
+    held-out text exactly as rustbpe itself does: same ids, shifted past the specials."""
+    import rustbpe
+    from tokenizers import Tokenizer
+
+    from tasks.corpus import iter_texts
+    from tasks.tokenizer import bpe_pattern, read_train
+
+    cfg = TokenizerConfig(vocab_size=VOCAB, pre_tokenizer=pre)
+    train(corpus, tmp_path / "out", vocab_size=VOCAB, pre_tokenizer=pre)
+    ours = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer" / "tokenizer.json"))
+    learner = rustbpe.Tokenizer()
+    texts = [t for ts in read_train(corpus, cfg.max_train_chars).values() for t in ts]
+    learner.train_from_iterator(iter(texts), VOCAB - len(CHATS), pattern=bpe_pattern(cfg))
+    val = [t for t in iter_texts(corpus, "val")] + [ROUNDTRIP, "x  1\n\n  22 naïve 🙂\t\r\n"]
+    for text in val:
+        got = ours.encode(text, add_special_tokens=False).ids
+        assert got == [i + len(CHATS) for i in learner.encode(text)], text
+        assert ours.decode(got) == text
+
+
+def test_rustbpe_and_hf_trainer_agree(corpus, tmp_path):
+    """Either trainer gives nearly the same vocabulary (ties may break another way) and compression."""
+    rust = train(corpus, tmp_path / "rust", vocab_size=VOCAB, bpe_trainer="rustbpe")
+    hf = train(corpus, tmp_path / "hf", vocab_size=VOCAB, bpe_trainer="hf")
+    vocab = {name: set(json.loads((tmp_path / name / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"])
+             for name in ("rust", "hf")}
+    assert len(vocab["rust"] & vocab["hf"]) >= 0.95 * len(vocab["hf"])
+    assert rust["bytes_per_token"]["overall"] == pytest.approx(hf["bytes_per_token"]["overall"], rel=0.02)
+    assert (rust["trainer"], hf["trainer"]) == ("rustbpe", "hf")
+
+
+def test_merges_from_ranks_rebuilds_the_merge_order():
+    from tasks.tokenizer import merges_from_ranks
+
+    ranks = [(bytes([b]), b) for b in range(256)]
+    for token in (b"ab", b"abc", b"xy", b"abcxy"):  # "abc" = "ab"+"c"; "abcxy" = "abc"+"xy"
+        ranks.append((token, len(ranks)))
+    assert merges_from_ranks(ranks) == [(b"a", b"b"), (b"ab", b"c"), (b"x", b"y"), (b"abc", b"xy")]
+    with pytest.raises(RuntimeError, match="not a merge sequence"):
+        merges_from_ranks([*ranks[:256], (b"abc", 256)])  # nothing below it builds "abc" from two tokens
 
 
 def test_chat_template_masks_assistant(trained):

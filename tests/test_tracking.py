@@ -107,3 +107,48 @@ def test_a_tracking_failure_is_reported_and_the_stage_error_wins(store, monkeypa
     with pytest.raises(ValueError, match="the stage's own"):
         with tracking.stage_run("mix", {}):
             raise ValueError("the stage's own error")
+
+
+def test_prewarmed_tracker_serves_the_flow_run_and_a_discarded_one_makes_no_run(store):
+    tracking.prewarm(store, "exp")
+    tracking.prewarm(store, "exp")  # once per project and experiment
+    assert len(tracking._warm) == 1
+    warm = next(iter(tracking._warm.values()))
+    with tracking.flow_run("lifecycle", "exp", {"preset": "tiny"}) as parent:
+        assert parent is warm and not tracking._warm
+        parent.log_metrics({"mix.seconds": 1.5})
+    client = tracking._client()
+    run = client.get_run(parent.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics == {"mix.seconds": 1.5}
+    tracking.prewarm(store, "exp")
+    unused = next(iter(tracking._warm.values()))
+    tracking.discard_prewarmed()
+    assert unused._proc.wait(60) == 0 and not tracking._warm  # it ends by itself
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_tracking_process_failures_surface_at_the_waits(store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://nowhere")
+    with pytest.raises(RuntimeError, match="nosuchscheme"):
+        with tracking.flow_run("lifecycle", "exp", {}):
+            pass
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(RuntimeError, match="process exited"):
+        with tracking.flow_run("lifecycle", "exp", {}) as parent:
+            parent._proc.kill()
+            parent._proc.wait()
+            parent.log_artifact(store / "mlflow.db")
+
+
+def test_replay_batches_many_steps(store):
+    """A long stage's journal (thousands of metric values) lands whole, in a few commits."""
+    with tracking.flow_run("lifecycle", "exp", {}) as parent:
+        with tracking.stage_run("pretrain", {"lr": 0.1}) as t:
+            for step in range(1500):
+                t.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+        tracking.nest_stage_runs(parent, "pretrain")
+    (child,) = tracking.stage_runs(parent.run_id)
+    history = tracking._client().get_metric_history(
+        tracking._client().search_runs([tracking._client().get_run(parent.run_id).info.experiment_id],
+                                       "tags.mlflow.runName = 'pretrain'")[0].info.run_id, "loss")
+    assert child["status"] == "FINISHED" and len(history) == 1500
