@@ -4,6 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PRESET ?=
+# TEAM=1: run against the team stack (`make infra-up`): its servers, the registry and the DVC remote `team`
+TEAM ?=
+STACK ?= $(or $(LMFORGE_STACK),infra/.stack)
 # the Python versions the pinned stack installs and passes its tests on (README: Supported Pythons)
 PY_MIN := 3.11
 PY_MAX := 3.13
@@ -19,7 +22,7 @@ endif
 endif
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test test-fast test-compat bench env params ui serve doctor clean
+.PHONY: run test test-team test-fast test-compat bench env params ui serve doctor clean infra-up infra-down infra-status
 
 # The environment: uv (bootstrapped from the registry into the venv; pip where it cannot be had) installs the
 # CPU torch wheel first (a plain `torch` would pull the CUDA build), then the project, both under the lock.
@@ -32,12 +35,12 @@ $(STAMP): pyproject.toml infra/constraints.txt
 	@if $(BIN)/python -m pip install -q uv 2>/dev/null; then \
 		echo "installing with uv"; \
 		$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python \
-			$(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) -c infra/constraints.txt torch==2.13.0 -e '.[dev]'; \
+			$(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) -c infra/constraints.txt torch==2.13.0 -e '.[dev,team]'; \
 	else \
 		echo "uv unavailable: installing with pip (slower)"; \
 		$(BIN)/python -m pip install -q --upgrade pip && \
 		$(BIN)/python -m pip install -q -c infra/constraints.txt torch==2.13.0 && \
-		$(BIN)/python -m pip install -q -c infra/constraints.txt -e '.[dev]'; \
+		$(BIN)/python -m pip install -q -c infra/constraints.txt -e '.[dev,team]'; \
 	fi
 	touch $@
 
@@ -45,10 +48,27 @@ env: $(STAMP)
 
 # The lifecycle end to end with params.yaml as it is; PRESET=tiny rewrites params.yaml from a preset first.
 run: $(STAMP)
-	$(BIN)/python -m flows.lifecycle $(if $(PRESET),--preset $(PRESET))
+	$(if $(TEAM),@test -f $(STACK)/env || { echo "make run TEAM=1: no team stack at $(STACK) (start it: make infra-up)"; exit 2; })
+	$(if $(TEAM),set -a && . $(STACK)/env && set +a && )$(BIN)/python -m flows.lifecycle \
+		$(if $(PRESET),--preset $(PRESET)) $(if $(TEAM),--register --push team)
+
+# The team stack on loopback (infra/stack.py): PostgreSQL, S3 (moto), MLflow and Prefect servers, a worker.
+infra-up: $(STAMP)
+	$(BIN)/python -m infra up --folder $(STACK)
+
+infra-down: $(STAMP)
+	$(BIN)/python -m infra down --folder $(STACK)
+
+infra-status: $(STAMP)
+	$(BIN)/python -m infra status --folder $(STACK)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not team"
+
+# The team stack's integration test (PostgreSQL, S3, MLflow and Prefect servers on loopback; installs
+# PostgreSQL with apt as root where it is missing): 6-7 minutes here, so apart from `make test`; CI runs both.
+test-team: $(STAMP)
+	$(BIN)/python -m pytest -q -m team
 
 # Everything but the slow integration tests (the real flow end to end): a developer's inner loop.
 test-fast: $(STAMP)

@@ -7,6 +7,7 @@ DVC decides what changed, caches and versions; unchanged stages are reported as 
     python -m flows.lifecycle --preset tiny            # write params.yaml from configs/tiny.yaml first
     python -m flows.lifecycle --stages pretrain        # pretrain and whatever it needs that changed
     python -m flows.lifecycle serve --cron "0 3 * * *" # serve a scheduled deployment from this process
+    python -m flows.lifecycle --register --push team   # team stack: registry versions, outputs to DVC remote `team`
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows import report
 from flows.lock import Busy, project_lock
-from tasks import tracking
+from tasks import registry, tracking
 from tasks.config import STAGES, ConfigError, load_params
 from tasks.preset import apply as apply_preset
 
@@ -152,6 +153,25 @@ def summary(root: Path, results: list[dict], preset: str | None, run_id: str | N
     return "\n".join(lines) + "\n"
 
 
+@task(name="register-models")
+def register_versions(root: str, run_id: str) -> registry.Decision:
+    """New registry versions of the policy and its quantised variants; `champion` moves only if the policy wins."""
+    decision = registry.register_and_promote(Path(root), run_id)
+    get_run_logger().info("registry: %s", decision.reason)
+    return decision
+
+
+@task(name="dvc-push")
+def dvc_push(root: str, remote: str) -> int:
+    """Every cached output of the workspace to the DVC remote `remote`; returns how many files went up."""
+    from dvc.repo import Repo
+
+    with chdir(root), Repo(".") as repo:
+        pushed = repo.push(remote=remote)
+    get_run_logger().info("dvc push -r %s: %d file(s) uploaded", remote, pushed)
+    return pushed
+
+
 @task(name="dvc-status")
 def stale(root: str, order: list[str]) -> list[str]:
     """The stages among `order` that DVC would rebuild now (changed deps, params or missing outputs)."""
@@ -161,9 +181,10 @@ def stale(root: str, order: list[str]) -> list[str]:
         return sorted(repo.status(targets=order))
 
 
-def run_stages(path: Path, order: list[str], preset: str | None, experiment: str) -> tuple[list[dict], Path, Path]:
-    """Reproduce each stage in order under one MLflow parent run; write the summary and the report card.
-    Returns the results and the summary's and card's paths."""
+def run_stages(path: Path, order: list[str], preset: str | None, experiment: str,
+               register_models: bool = False) -> tuple[list[dict], Path, Path]:
+    """Reproduce each stage in order under one MLflow parent run; register the models when asked and the
+    evaluation is new; write the summary and the report card. Returns the results and the two paths."""
     os.environ[tracking.ROOT_ENV] = str(path)  # the flow and its stages share one MLflow store
     # Stage commands say `python`: make it this interpreter, whatever PATH the scheduler gave us.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -175,23 +196,30 @@ def run_stages(path: Path, order: list[str], preset: str | None, experiment: str
                 result = repro(str(path), stage)
             except BaseException:
                 tracking.nest_stage_runs(parent, stage)  # the failed attempts' runs, marked FAILED
+                parent.set_tags({"lmforge.failed_stage": stage})  # the parent run ends FAILED too
                 raise
             results.append(result)
             parent.log_metrics({f"{stage}.seconds": result["seconds"], f"{stage}.ran": float(result["ran"])})
             if result["ran"]:
                 tracking.nest_stage_runs(parent, stage, {"dvc.lock_md5": lock_hash(path, stage)})
         card = write_card(path)  # before the run id is asked for: the tracker may still be connecting
-        summary_md = write_summary(path, results, preset, parent.run_id)
+        note = None
+        if register_models and any(r["ran"] and r["stage"] == "evaluate" for r in results) and parent.run_id:
+            decision = register_versions(str(path), parent.run_id)
+            parent.set_tags({"lmforge.champion": decision.champion, "lmforge.candidate": decision.version})
+            note = f"registry: {decision.reason}"
+        summary_md = write_summary(path, results, preset, parent.run_id, note)
         parent.log_artifact(summary_md)
         parent.log_artifact(card.parent, "report")
     return results, summary_md, card
 
 
-def write_summary(path: Path, results: list[dict], preset: str | None, run_id: str | None) -> Path:
-    """out/summary.md: what this flow run ran and skipped."""
+def write_summary(path: Path, results: list[dict], preset: str | None, run_id: str | None,
+                  note: str | None = None) -> Path:
+    """out/summary.md: what this flow run ran and skipped (and `note`: the registry's decision)."""
     (path / "out").mkdir(exist_ok=True)
     summary_md = path / "out" / "summary.md"
-    summary_md.write_text(summary(path, results, preset, run_id))
+    summary_md.write_text(summary(path, results, preset, run_id) + (f"\n{note}\n" if note else ""))
     return summary_md
 
 
@@ -204,8 +232,10 @@ def write_card(path: Path) -> Path:
 
 @flow(name="lifecycle", log_prints=True)
 def lifecycle(preset: str | None = None, stages: list[str] | None = None, experiment: str = "lmforge",
-              root: str = ".") -> list[dict]:
-    """Run the lifecycle's stages (or a subset and what it needs) through DVC, tracked in MLflow."""
+              root: str = ".", register_models: bool = False, push: str | None = None) -> list[dict]:
+    """Run the lifecycle's stages (or a subset and what it needs) through DVC, tracked in MLflow; with
+    `register_models`, a new evaluation registers the models (tasks/registry.py); with `push`, the outputs go to
+    that DVC remote at the end of a successful run."""
     logger = get_run_logger()
     path = Path(root).resolve()
     with project_lock(path):  # one flow run per project at a time (re-entrant: the CLI may hold it already)
@@ -219,13 +249,15 @@ def lifecycle(preset: str | None = None, stages: list[str] | None = None, experi
             order = plan(path, stages)
             todo = stale(str(path), order)
             if todo:
-                results, summary_md, card = run_stages(path, order, preset, experiment)
+                results, summary_md, card = run_stages(path, order, preset, experiment, register_models)
         finally:
             tracking.discard_prewarmed()  # nothing ran, or the flow failed before its run began
         if not todo:  # nothing to rebuild, so nothing to track: no MLflow run, no stage tasks
             logger.info("every stage is up to date (dvc status): nothing to run")
             results = [{"stage": s, "ran": False, "seconds": 0.0} for s in order]
             card, summary_md = write_card(path), write_summary(path, results, preset, None)
+        if push:
+            dvc_push(str(path), push)
     create_markdown_artifact(summary_md.read_text() + "\n" + card.read_text(), key="lifecycle-report",
                              description="stages run and skipped, and the report card (plots are in out/report/)")
     ran = [r["stage"] for r in results if r["ran"]]
@@ -245,8 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cron", default="0 3 * * *", help="serve: schedule (cron, UTC)")
     ap.add_argument("--no-wait", action="store_true",
                     help="refuse (exit 2) instead of waiting when another run holds this project")
+    ap.add_argument("--register", action="store_true", help="register the models when the evaluation is new")
+    ap.add_argument("--push", metavar="REMOTE", help="after a successful run, push the outputs to this DVC remote")
     args = ap.parse_args(argv)
-    params = {"preset": args.preset, "stages": args.stages, "experiment": args.experiment, "root": args.root}
+    params = {"preset": args.preset, "stages": args.stages, "experiment": args.experiment, "root": args.root,
+              "register_models": args.register, "push": args.push}
     if args.command == "serve":
         lifecycle.serve(name="lifecycle-scheduled", cron=args.cron, parameters=params)
         return 0

@@ -1,0 +1,1 @@
+"""The team stack: `python -m infra up | down | status | remote` (see infra/stack.py)."""

@@ -1,0 +1,5 @@
+import sys
+
+from infra.stack import main
+
+sys.exit(main())

@@ -1,0 +1,89 @@
+"""What the stack needs on the machine, installed where it can be: PostgreSQL's server binaries (Debian's
+`postgresql`, through apt when running as root), an OS user for it when running as root (PostgreSQL refuses
+root), and moto's own virtual environment (its botocore conflicts with dvc-s3's, so it cannot share .venv).
+
+Each check answers None (fine) or one line: what is missing and the command that fixes it."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+INFRA = Path(__file__).resolve().parent
+S3_ENV = INFRA / ".venv-s3"
+PG_OS_USER = os.environ.get("LMFORGE_PG_OS_USER", "postgres")  # who runs PostgreSQL when we are root
+
+
+class Missing(RuntimeError):
+    """A prerequisite is missing; the message is one line with the fix."""
+
+
+def pg_bindir() -> Path | None:
+    """The newest PostgreSQL server binaries: PATH first, then Debian's /usr/lib/postgresql/<v>/bin."""
+    on_path = shutil.which("initdb")
+    if on_path:
+        return Path(on_path).resolve().parent
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    return Path(found[-1]).parent if found else None
+
+
+def _apt_install(package: str) -> bool:
+    """apt-get install, quietly, as root only; False where that is not possible or fails."""
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return False
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
+    if subprocess.run(["apt-get", "install", "-y", "-qq", package], **quiet).returncode == 0:
+        return True
+    # a fresh machine has no package lists yet
+    return (subprocess.run(["apt-get", "update", "-qq"], **quiet).returncode == 0
+            and subprocess.run(["apt-get", "install", "-y", "-qq", package], **quiet).returncode == 0)
+
+
+def postgres(install: bool) -> Path:
+    """The server binaries' folder, installing Debian's package first when allowed and missing."""
+    bindir = pg_bindir()
+    if bindir is None and install and _apt_install("postgresql"):
+        bindir = pg_bindir()
+    if bindir is None:
+        raise Missing("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install -y postgresql "
+                      "(as root), or put a PostgreSQL bin folder on PATH")
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam(PG_OS_USER)
+        except KeyError:
+            raise Missing(f"running as root, PostgreSQL needs an OS user to run as and {PG_OS_USER!r} does not exist: "
+                          f"useradd --system {PG_OS_USER} (or set LMFORGE_PG_OS_USER)") from None
+    return bindir
+
+
+def as_db_user(cmd: list[str]) -> list[str]:
+    """`cmd` run as the PostgreSQL OS user when we are root (PostgreSQL will not run as root)."""
+    return ["runuser", "-u", PG_OS_USER, "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+def reachable_by_db_user(folder: Path) -> bool:
+    return os.geteuid() != 0 or subprocess.run(as_db_user(["test", "-x", str(folder)])).returncode == 0
+
+
+def moto_server(install: bool) -> Path:
+    """moto's S3 server in its own venv (infra/.venv-s3), created from infra/constraints-s3.txt when allowed."""
+    exe = S3_ENV / "bin" / "moto_server"
+    if exe.exists() or not install:
+        if not exe.exists():
+            raise Missing(f"moto's S3 server is not installed: python -m infra up creates {S3_ENV} (or: "
+                          f"python3 -m venv {S3_ENV} && {S3_ENV}/bin/pip install -c infra/constraints-s3.txt 'moto[server]')")
+        return exe
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(S3_ENV)], check=True)
+    uv = Path(sys.executable).parent / "uv"
+    pins = ["-c", str(INFRA / "constraints-s3.txt"), "moto[server]"]
+    cmd = ([str(uv), "pip", "install", "-q", "--python", str(S3_ENV / "bin" / "python"), *pins] if uv.exists()
+           else [str(S3_ENV / "bin" / "python"), "-m", "pip", "install", "-q", *pins])
+    if subprocess.run(cmd).returncode != 0 or not exe.exists():
+        raise Missing(f"could not install moto[server] into {S3_ENV} (needs the package registry): {' '.join(cmd)}")
+    return exe

@@ -1,0 +1,208 @@
+"""The model registry seam (MLflow 3 aliases; tasks/tracking.py is the rest of the MLflow seam).
+
+A flow run that made a new evaluation registers, as new versions with alias `candidate`:
+
+    lmforge        the final policy (out/<quantize.model>/model) as an MLflow transformers model with the chat
+                   task: `mlflow.pyfunc.load_model("models:/lmforge@champion")` answers OpenAI-style chat
+                   requests, and so does `mlflow models serve`; its `model/` and `components/tokenizer/`
+                   folders load with plain transformers. A LoRA policy is registered merged (out/lora/model),
+                   so no adapter has to find its base.
+    lmforge-int8,  the quantised variants (out/quantize/<method>), plain transformers folders:
+    lmforge-nf4    AutoModelForCausalLM.from_pretrained(mlflow.artifacts.download_artifacts("models:/lmforge-int8@champion"))
+
+Each version carries its lineage as tags: git commit, dvc.lock digest, the data's DVC hash, the gate metric
+and every evaluation metric of the policy. `champion` moves to the candidate only when the candidate beats the
+champion on the gate metric (evaluate.gate_metric, read from out/evaluate/table.json); otherwise it stays and
+the returned Decision says why. Promotion is safe against concurrent flow runs: the champion is always the
+best version measured on the gate metric (the older one on a tie), and each promoter re-reads after it writes
+until the alias agrees, so the last writer cannot leave a worse version in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks import tracking
+from tasks.config import load_params
+
+POLICY = "lmforge"
+CANDIDATE, CHAMPION = "candidate", "champion"
+TAG = "lmforge."  # prefix of lineage tags
+
+
+@dataclass(frozen=True)
+class Decision:
+    version: str  # the candidate's version of POLICY
+    champion: str  # the champion's version after promotion
+    promoted: bool
+    reason: str
+    versions: dict[str, str]  # registered model -> the version this run registered
+
+
+def lineage(root: Path) -> dict[str, str]:
+    """Where a model comes from: the commit, a digest of dvc.lock, the DVC hash of the mixed corpus."""
+    lock_file = root / "dvc.lock"
+    lock_text = lock_file.read_text() if lock_file.exists() else ""
+    data = ""
+    if lock_text:
+        from ruamel.yaml import YAML
+
+        stages = (YAML(typ="safe", pure=True).load(lock_text) or {}).get("stages", {})
+        data = next((o.get("md5", "") for o in stages.get("mix", {}).get("outs", [])
+                     if o.get("path") == "out/mix/corpus"), "")
+    return {f"{TAG}git_commit": tracking.git_commit(root), f"{TAG}dvc_lock_md5": hashlib.md5(lock_text.encode()).hexdigest(),
+            f"{TAG}data_md5": data}
+
+
+def gate(root: Path) -> tuple[str, str, float, bool, dict[str, float]]:
+    """(policy variant, gate metric, its value, higher is better, every metric of the policy) from the evaluation."""
+    params = load_params(root / "params.yaml")
+    variant, metric = params["quantize"].model, params["evaluate"].gate_metric
+    table = json.loads((root / "out" / "evaluate" / "table.json").read_text())
+    row = table["rows"].get(variant, {})
+    if metric not in row:
+        raise ValueError(f"registry: no {metric!r} for {variant!r} in out/evaluate/table.json (evaluate.variants "
+                         f"must include {variant!r})")
+    higher = table.get("higher_is_better", {}).get(metric)
+    return variant, metric, float(row[metric]), higher is not False, row
+
+
+def _save_policy(folder: Path, out: Path) -> None:
+    """The policy as an MLflow transformers model (chat task), requirements pinned to what made it."""
+    import mlflow.transformers
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    components = {"model": AutoModelForCausalLM.from_pretrained(folder), "tokenizer": AutoTokenizer.from_pretrained(folder)}
+    # explicit requirements: inferring them would load the model again in a subprocess
+    mlflow.transformers.save_model(components, path=str(out), task="llm/v1/chat",
+                                   pip_requirements=[f"transformers=={transformers.__version__}",
+                                                     f"torch=={torch.__version__.split('+')[0]}", "accelerate"])
+
+
+def register(root: Path, run_id: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Log the policy and the quantised variants under `run_id`, register each as a new version with alias
+    `candidate` and lineage tags. Returns (registered model -> version, the tags)."""
+    client = tracking._client()
+    variant, metric, value, higher, row = gate(root)
+    tags = {**lineage(root), f"{TAG}policy": variant, f"{TAG}gate_metric": metric, f"{TAG}gate_value": repr(value),
+            f"{TAG}higher_is_better": str(higher), **{f"metric.{k}": repr(v) for k, v in row.items()}}
+    artifact_root = client.get_run(run_id).info.artifact_uri
+    with tempfile.TemporaryDirectory(prefix="lmforge-registry-") as tmp:
+        policy = Path(tmp) / "policy"
+        _save_policy(root / "out" / variant / "model", policy)
+        folders = {POLICY: policy}
+        folders.update({f"{POLICY}-{m}": root / "out" / "quantize" / m for m in ("int8", "nf4")
+                        if (root / "out" / "quantize" / m / "config.json").exists()})
+        versions = {}
+        for name, folder in folders.items():
+            path = f"registry/{name}"
+            client.log_artifacts(run_id, str(folder), path)
+            _ensure_model(client, name)
+            # the variants name their policy's version: their champion follows it (_follow)
+            own = tags if name == POLICY else {**tags, f"{TAG}policy_version": versions[POLICY]}
+            mv = client.create_model_version(name, f"{artifact_root}/{path}", run_id=run_id, tags=own,
+                                             description=f"lmforge {variant} policy, run {run_id}")
+            client.set_registered_model_alias(name, CANDIDATE, mv.version)
+            versions[name] = mv.version
+    return versions, tags
+
+
+def _ensure_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:  # made by an earlier run, or by a concurrent one a moment ago
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def _value(mv) -> float | None:
+    raw = mv.tags.get(f"{TAG}gate_value")
+    return float(raw) if raw is not None else None
+
+
+def best(client, metric: str, higher: bool) -> str | None:
+    """The version of POLICY with the best gate value on `metric` (the older one on a tie)."""
+    scored = [mv for mv in client.search_model_versions(f"name='{POLICY}'", max_results=10000)
+              if mv.tags.get(f"{TAG}gate_metric") == metric and _value(mv) is not None]
+    if not scored:
+        return None
+    sign = 1.0 if higher else -1.0
+    return str(max(scored, key=lambda mv: (sign * _value(mv), -int(mv.version))).version)
+
+
+def champion(client, name: str = POLICY):
+    """The champion version of `name`, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def promote(versions: dict[str, str], tags: dict[str, str]) -> Decision:
+    """Move `champion` to this run's versions if its policy beats the champion on the gate metric."""
+    client = tracking._client()
+    mine, metric = versions[POLICY], tags[f"{TAG}gate_metric"]
+    higher = tags[f"{TAG}higher_is_better"] == "True"
+    before = champion(client)
+    for _ in range(20):  # converges once concurrent promoters stop writing (see the module docstring)
+        target = best(client, metric, higher)
+        current = champion(client)
+        if current is not None and str(current.version) == target:
+            break
+        client.set_registered_model_alias(POLICY, CHAMPION, target)
+        time.sleep(0.2)
+    final = champion(client)
+    promoted = final is not None and str(final.version) == mine
+    if final is not None:  # every promoter, winner or not, so the variants agree with the final champion
+        _follow(client, [n for n in versions if n != POLICY], str(final.version))
+    value = float(tags[f"{TAG}gate_value"])
+    if promoted:
+        reason = (f"v{mine} is champion: {metric} {value:.4g} beats v{before.version}'s {_value(before):.4g}"
+                  if before is not None and _value(before) is not None else f"v{mine} is the first champion ({metric} {value:.4g})")
+    else:
+        reason = (f"champion stays v{final.version}: candidate v{mine} {metric} {value:.4g} does not beat "
+                  f"{_value(final):.4g}")
+    client.set_model_version_tag(POLICY, mine, f"{TAG}promotion", reason)
+    return Decision(mine, str(final.version) if final else "", promoted, reason, versions)
+
+
+def _follow(client, names: list[str], policy_version: str) -> None:
+    """The quantised variants' champions are the ones made with the champion policy."""
+    for name in names:
+        made = [mv.version for mv in client.search_model_versions(f"name='{name}'", max_results=10000)
+                if mv.tags.get(f"{TAG}policy_version") == policy_version]
+        if made:
+            client.set_registered_model_alias(name, CHAMPION, made[0])
+
+
+def register_and_promote(root: Path, run_id: str) -> Decision:
+    versions, tags = register(root, run_id)
+    return promote(versions, tags)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Register a finished run's outputs by hand: python -m tasks.registry RUN_ID [--root DIR]."""
+    ap = argparse.ArgumentParser(prog="python -m tasks.registry", description=main.__doc__)
+    ap.add_argument("run_id", help="the MLflow run the models are logged under (the flow's parent run)")
+    ap.add_argument("--root", default=".", help="project folder (holds out/ and params.yaml)")
+    args = ap.parse_args(argv)
+    decision = register_and_promote(Path(args.root).resolve(), args.run_id)
+    print(json.dumps(decision.__dict__))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
