@@ -154,3 +154,17 @@ def odd_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A tiny Llama whose MLP width (96) the packed 4-bit CPU kernel cannot take as an input (down_proj:
     96 % 64 != 0), while its other layers fit: the mixed case a user's model shape produces."""
     return save_llama(tmp_path_factory.mktemp("odd") / "model", tiny_tokenizer, hidden=64, intermediate=96, layers=1)
+
+
+def commit_project(root: Path, run) -> Path:
+    """Make `root` (project files copied in) a git + DVC project with one commit; `run(cwd, *cmd)` runs each
+    command and fails the test on a non-zero exit."""
+    import sys
+
+    run(root, "git", "init", "-q")
+    run(root, "git", "config", "user.email", "ci@lmforge.invalid")
+    run(root, "git", "config", "user.name", "ci")
+    run(root, sys.executable, "-m", "dvc", "init", "-q")
+    run(root, "git", "add", "-A")
+    run(root, "git", "commit", "-qm", "project")
+    return root

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import commit_project
 
 from tasks.config import STAGES
 
@@ -35,13 +36,7 @@ def _sh(cwd: Path, *cmd: str) -> str:
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("project")
     _copy_project(root)
-    _sh(root, "git", "init", "-q")
-    _sh(root, "git", "config", "user.email", "ci@lmforge.invalid")
-    _sh(root, "git", "config", "user.name", "ci")
-    _sh(root, sys.executable, "-m", "dvc", "init", "-q")
-    _sh(root, "git", "add", "-A")
-    _sh(root, "git", "commit", "-qm", "project")
-    return root
+    return commit_project(root, _sh)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import commit_project
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -56,13 +57,7 @@ def _make_project(dest: Path) -> Path:
     apply("tiny", dest / "params.yaml", dest / "configs")
     for section, key, value in SHORTER:
         _set_param(dest, section, key, value)
-    _sh(dest, "git", "init", "-q")
-    _sh(dest, "git", "config", "user.email", "ci@lmforge.invalid")
-    _sh(dest, "git", "config", "user.name", "ci")
-    _sh(dest, sys.executable, "-m", "dvc", "init", "-q")
-    _sh(dest, "git", "add", "-A")
-    _sh(dest, "git", "commit", "-qm", "project")
-    return dest
+    return commit_project(dest, _sh)
 
 
 @pytest.fixture(scope="module")
