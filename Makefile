@@ -63,10 +63,10 @@ infra-status: $(STAMP)
 	$(BIN)/python -m infra status --folder $(STACK)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not team"
+	$(BIN)/python -m pytest -q
 
-# The team stack's integration test (PostgreSQL, S3, MLflow and Prefect servers on loopback; installs
-# PostgreSQL with apt as root where it is missing): 6-7 minutes here, so apart from `make test`; CI runs both.
+# Only the team stack's integration test (PostgreSQL, S3, MLflow and Prefect servers on loopback; installs
+# PostgreSQL with apt as root where it is missing); `make test` runs it too.
 test-team: $(STAMP)
 	$(BIN)/python -m pytest -q -m team
 
