@@ -49,7 +49,7 @@ def test_a_second_run_waits_saying_so_once(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    assert waited >= 1.0 and len(said) == 1 and said[0].startswith(f"waiting for the run started")
+    assert waited >= 1.0 and len(said) == 1 and said[0].startswith("waiting for the run started")
 
 
 def test_reentrant_in_one_process(tmp_path):
