@@ -278,8 +278,9 @@ class ProcessTracker:
 
     Importing MLflow and opening its store take seconds of CPU; in a thread they would hold the GIL against
     the flow's own work (DVC's planning, the report card). A child process does them on another core
-    while the flow plans and runs its first stage, and replays the stages' journals there. Calls go as JSON lines down its stdin; only the
-    waits (`run_id`, `log_artifact`, `close`) read an answer back. Errors surface at those waits.
+    while the flow plans and runs its first stage, and replays the stages' journals there. Calls go as
+    JSON lines down its stdin; only the waits (`run_id`, `log_artifact`, `close`) read an answer back.
+    Errors surface at those waits.
     """
 
     def __init__(self, root: Path, experiment: str):
