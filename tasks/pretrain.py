@@ -16,6 +16,7 @@ import csv
 import hashlib
 import json
 import math
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -125,7 +126,11 @@ def load_checkpoint(path: Path, fp: str) -> dict | None:
     file = path / "last.pt"
     if not file.exists():
         return None
-    state = torch.load(file, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)  # tensors and plain data: no code runs
+    except pickle.UnpicklingError as err:
+        raise InputError(f"{file}: not a checkpoint lmforge wrote (it holds objects beyond tensors and plain data, "
+                         f"and loading those could run code): delete it to start over ({str(err).splitlines()[0]})") from None
     if state.get("fingerprint") != fp:
         print(f"pretrain: ignoring {file}: written by a different config or corpus", file=sys.stderr)
         return None

@@ -66,6 +66,20 @@ def test_resume_continues_the_same_run_only(tmp_path, tiny_corpus, tiny_tokenize
     assert m["resumed_from_step"] == 0
 
 
+def test_a_checkpoint_holding_code_is_refused_unloaded(tmp_path, tiny_corpus, tiny_tokenizer_dir):
+    """Checkpoints load with weights_only: a pickle that would build arbitrary objects (here a datetime; in an
+    attack, a callable) is refused in one line, before anything in it runs."""
+    import datetime
+
+    (tmp_path / "ckpt").mkdir()
+    torch.save({"step": 3, "when": datetime.datetime(2026, 1, 1)}, tmp_path / "ckpt" / "last.pt")
+    with pytest.raises(InputError, match=r"last\.pt: not a checkpoint lmforge wrote"):
+        execute("pretrain", pretrain.run, cfg(max_steps=4), tmp_path / "out",
+                {"corpus": tiny_corpus, "tokenizer": tiny_tokenizer_dir}, tracker=NullTracker(),
+                extra={"checkpoints": tmp_path / "ckpt"})
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_shape_is_a_clear_error(tmp_path, tiny_corpus, tiny_tokenizer_dir):
     with pytest.raises(InputError, match="hidden_size .* num_heads"):
         execute("pretrain", pretrain.run, cfg(hidden_size=30, num_heads=4), tmp_path / "out",
