@@ -335,6 +335,13 @@ class ProcessTracker:
     def replay(self, journal: Path, tags: Mapping[str, str]) -> None:
         self._send("replay", str(journal), dict(tags))
 
+    def release(self) -> None:
+        """Send nothing more: the process ends once it has done every call it was sent."""
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            pass
+
     def close(self, status: str) -> None:
         """Finish the run with `status` once every call before is done, and wait for the process."""
         try:
@@ -342,10 +349,7 @@ class ProcessTracker:
                 self.run_id  # noqa: B018 - kept for after the close, as BackgroundTracker keeps it
                 self._send("_terminate", status, wait=True)
         finally:
-            try:
-                self._proc.stdin.close()
-            except OSError:
-                pass
+            self.release()
             try:
                 self._proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
@@ -486,11 +490,7 @@ def discard_prewarmed() -> None:
     """Let go of prewarmed processes no run used: each ends by itself once connected, never killed while
     it may be writing to the store, and nobody waits for it."""
     while _warm:
-        tracker = _warm.popitem()[1]
-        try:
-            tracker._proc.stdin.close()
-        except OSError:
-            pass
+        _warm.popitem()[1].release()
 
 
 @contextmanager
