@@ -38,8 +38,10 @@ HEADLINES = {
     "sft": ["base_accuracy", "final_accuracy"],
     "lora": ["final_accuracy", "trainable_share"],
     "reward": ["test_accuracy", "gt_agreement"],
-    "ppo": ["rm_score_before", "rm_score", "kl_last"],
-    "quantize": ["int8.size_ratio", "nf4.size_ratio"],
+    "ppo": ["gt_accuracy_before", "gt_accuracy", "rm_score", "kl_ref"],
+    "dpo": ["gt_accuracy_before", "gt_accuracy", "pref_accuracy", "kl_ref"],
+    "grpo": ["gt_accuracy_before", "gt_accuracy", "rm_score", "kl_ref"],
+    "quantize": ["policy", "int8.size_ratio", "nf4.size_ratio"],
     "evaluate": ["gate.passed"],
 }
 

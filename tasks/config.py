@@ -12,10 +12,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-STAGES = ("mix", "tokenizer", "pretrain", "sft", "lora", "reward", "ppo", "quantize", "evaluate")
+STAGES = ("mix", "tokenizer", "pretrain", "sft", "lora", "reward", "ppo", "dpo", "grpo", "quantize", "evaluate")
 SHARED = ("launch",)  # sections that are not stages: read by several stages, tracked by none (see LaunchConfig)
 SECTION_NAMES = STAGES + SHARED
-TRAINING_STAGES = ("pretrain", "sft", "lora", "reward", "ppo")
+TRAINING_STAGES = ("pretrain", "sft", "lora", "reward", "ppo", "dpo", "grpo")
+POLICIES = ("sft", "lora", "ppo", "dpo", "grpo")  # stages whose out/<name>/model is a chat policy
 
 
 class ConfigError(ValueError):
@@ -283,8 +284,67 @@ class PpoConfig(_Section):
         return self
 
 
+class DpoConfig(_Section):
+    seed: int = F(0, "seed for data generation, batch order and the held-out KL samples")
+    policy: Literal["sft", "lora"] = F("sft", "model to start from (and the frozen reference): dvc.yaml passes out/<policy>/model")
+    train_pairs: int = F(2000, "built-in preference pairs to train on (posttrain_data, train split; 0: only data_files)", ge=0)
+    test_pairs: int = F(200, "held-out built-in pairs for preference accuracy and reward margins (test split)", ge=1)
+    test_prompts: int = F(200, "held-out prompts for ground-truth accuracy, reward-model score and KL (same items as sft's)", ge=1)
+    data_files: list[str] = F([], "extra preference JSONL files in TRL's format (prompt/chosen/rejected as text or messages)")
+    max_steps: int = F(60, "optimizer steps", gt=0)
+    batch_size: int = F(32, "preference pairs per micro-batch", gt=0)
+    grad_accum: int = F(1, "micro-batches per optimizer step", gt=0)
+    lr: float = F(1e-4, "peak learning rate (a 4M-parameter model takes far more than the 1e-6 of large ones)", gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = F("cosine", "learning-rate schedule after warm-up")
+    warmup_steps: int = F(5, "linear warm-up steps", ge=0)
+    beta: float = F(0.1, "DPO temperature: higher keeps the policy closer to the reference", gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = F("sigmoid", "DPO loss: sigmoid = the original DPO, ipo = IPO, hinge = SLiC")
+    max_length: int = F(128, "truncate prompt + answer to this many tokens", gt=0)
+    log_every: int = F(5, "steps between logged training metrics", gt=0)
+    eval_batch_size: int = F(64, "prompts per batch when measuring", gt=0)
+    max_new_tokens: int = F(8, "tokens generated per held-out answer", gt=0)
+    device: Literal["auto", "cpu", "cuda"] = F("auto", "auto picks cuda when available (bf16 there, fp32 on cpu)")
+    num_threads: int = F(0, "CPU threads for torch; 0 leaves torch's default", ge=0)
+
+
+class GrpoConfig(_Section):
+    seed: int = F(0, "seed for prompts, sampling and batch order")
+    policy: Literal["sft", "lora"] = F("sft", "model to start from (and the frozen reference): dvc.yaml passes out/<policy>/model")
+    train_prompts: int = F(2000, "built-in training prompts with known answers (posttrain_data, train split)", ge=0)
+    test_prompts: int = F(200, "held-out prompts for ground-truth accuracy, reward-model score and KL (same items as sft's)", ge=1)
+    data_files: list[str] = F([], "extra prompt JSONL files: TRL prompt-only rows, each with an \"answer\" string to verify against")
+    max_steps: int = F(40, "optimizer steps; each samples group_size replies to prompts_per_step prompts", gt=0)
+    prompts_per_step: int = F(8, "prompts per optimizer step", gt=0)
+    group_size: int = F(8, "replies sampled per prompt; advantages are rewards relative to the group's", ge=2)
+    response_length: int = F(8, "most new tokens per reply (answers are short)", gt=0)
+    temperature: float = F(1.0, "sampling temperature of the replies", gt=0)
+    lr: float = F(5e-5, "peak learning rate", gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = F("constant_with_warmup", "learning-rate schedule after warm-up")
+    warmup_steps: int = F(2, "linear warm-up steps", ge=0)
+    kl_coef: float = F(0.04, "beta: weight of the KL penalty to the frozen starting policy (0 skips the reference and reports no training KL)", ge=0)
+    epsilon: float = F(0.2, "clip range of the probability ratio", gt=0)
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = F("dapo", "how token losses are averaged (TRL's default dapo has no length bias)")
+    scale_rewards: Literal["group", "batch", "none"] = F("group", "divide advantages by the reward std of the group, the batch, or not at all")
+    correct_weight: float = F(1.0, "weight of the verifiable reward: 1 when the reply's answer equals the known answer", ge=0)
+    format_weight: float = F(0.2, "weight of the format reward: 1 when the reply is one short line that ends its turn", ge=0)
+    reward_model_weight: float = F(0.0, "weight of the learned reward model's score (0: verifiable rewards only)", ge=0)
+    log_every: int = F(5, "steps between logged training metrics", gt=0)
+    eval_batch_size: int = F(64, "prompts per batch when measuring", gt=0)
+    device: Literal["auto", "cpu", "cuda"] = F("auto", "auto picks cuda when available (bf16 there, fp32 on cpu)")
+    num_threads: int = F(0, "CPU threads for torch; 0 leaves torch's default", ge=0)
+
+    @model_validator(mode="after")
+    def _some_reward(self):
+        if self.correct_weight + self.format_weight + self.reward_model_weight == 0:
+            raise ValueError("correct_weight, format_weight and reward_model_weight are all 0: nothing to learn from")
+        return self
+
+
 class QuantizeConfig(_Section):
-    model: Literal["sft", "lora", "ppo"] = F("ppo", "which policy to quantise: dvc.yaml passes out/<model>/model as --model")
+    model: Literal["best", "sft", "lora", "ppo", "dpo", "grpo"] = F(
+        "best", "policy to quantise and hand on: best = highest held-out exact match among the policy stages' own "
+        "measurements (the same items for each; ties go to the earlier stage), or a stage's name"
+    )
     methods: list[Literal["int8", "nf4"]] = F(["int8", "nf4"], "bitsandbytes variants to write: int8 = LLM.int8(), nf4 = 4-bit NormalFloat")
     double_quant: bool = F(True, "nf4: quantise the per-block scales too (double quantisation, ~0.4 bit/param less)")
     compute_dtype: Literal["fp32", "bf16", "fp16"] = F("fp32", "nf4: dtype the dequantised weights are multiplied in")
@@ -306,8 +366,8 @@ class QuantizeConfig(_Section):
 
 class EvaluateConfig(_Section):
     seed: int = F(0, "seed for sampling the benchmark items")
-    variants: list[Literal["base", "sft", "lora", "ppo", "int8", "nf4"]] = F(
-        ["base", "sft", "lora", "ppo", "int8", "nf4"], "models to compare; only these need to exist (dvc.yaml passes each as --<variant> DIR)"
+    variants: list[Literal["base", "sft", "lora", "ppo", "dpo", "grpo", "int8", "nf4"]] = F(
+        ["base", "sft", "lora", "ppo", "dpo", "grpo", "int8", "nf4"], "models to compare; only these need to exist (dvc.yaml passes each as --<variant> DIR)"
     )
     tasks: list[Literal["arith_mc", "arith_gen", "cloze", "heldout_ppl"]] = F(
         ["arith_mc", "arith_gen", "cloze", "heldout_ppl"], "built-in lm-eval benchmarks over local held-out data"
@@ -328,7 +388,9 @@ class EvaluateConfig(_Section):
     allow_network: bool = F(False, "let extra tasks download datasets; off: HF offline mode, only locally cached data")
     extra_timeout_s: float = F(120.0, "give up on an extra task whose data takes longer than this to load", gt=0)
     gate_metric: str = F("arith_gen.exact_match", "quality gate: table column (<task>.<metric>) compared with base")
-    gate_variant: Literal["base", "sft", "lora", "ppo", "int8", "nf4"] = F("ppo", "quality gate: variant that must beat base")
+    gate_variant: Literal["base", "sft", "lora", "ppo", "dpo", "grpo", "int8", "nf4"] = F(
+        "grpo", "quality gate: variant that must beat base"
+    )
     min_gain_over_base: float | None = F(
         None, "quality gate: fail unless gate_variant's gate_metric >= base's + this (null: no gate)"
     )
@@ -368,8 +430,8 @@ class LaunchConfig(_Section):
     strategy: Literal["ddp", "fsdp"] = F(
         "ddp", "ddp: a full model copy per process; fsdp: parameters, gradients and optimizer state sharded"
     )
-    stages: list[Literal["pretrain", "sft", "lora", "reward", "ppo"]] = F(
-        ["pretrain", "sft", "lora", "reward", "ppo"], "training stages that start nproc_per_node x nnodes workers"
+    stages: list[Literal["pretrain", "sft", "lora", "reward", "ppo", "dpo", "grpo"]] = F(
+        ["pretrain", "sft", "lora", "reward", "ppo", "dpo", "grpo"], "training stages that start nproc_per_node x nnodes workers"
     )
     max_restarts: int = F(0, "torchrun restarts of a failed worker group before the stage fails (the flow retries too)", ge=0)
 
@@ -382,6 +444,8 @@ SECTIONS: dict[str, type[_Section]] = {
     "lora": LoraConfig,
     "reward": RewardConfig,
     "ppo": PpoConfig,
+    "dpo": DpoConfig,
+    "grpo": GrpoConfig,
     "quantize": QuantizeConfig,
     "evaluate": EvaluateConfig,
     "launch": LaunchConfig,

@@ -43,7 +43,8 @@ from tasks.stage import InputError, cli, write_json
 log = logging.getLogger("lmforge.evaluate")
 VARIANTS: tuple[str, ...] = get_args(get_args(EvaluateConfig.model_fields["variants"].annotation)[0])
 VARIANT_DIRS = {"base": "out/pretrain/model", "sft": "out/sft/model", "lora": "out/lora/model",
-                "ppo": "out/ppo/model", "int8": "out/quantize/int8", "nf4": "out/quantize/nf4"}
+                "ppo": "out/ppo/model", "dpo": "out/dpo/model", "grpo": "out/grpo/model", "int8": "out/quantize/int8",
+                "nf4": "out/quantize/nf4"}
 
 
 class QualityGateError(InputError):

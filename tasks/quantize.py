@@ -24,11 +24,15 @@ import time
 from pathlib import Path
 
 from tasks import lowbit
-from tasks.config import QuantizeConfig
+from tasks.config import POLICIES, QuantizeConfig
 from tasks.corpus import iter_texts, source_names
 from tasks.models import check_model_dir, is_quantized, load_causal_lm, weight_bytes
 from tasks.runtime import pick_device
-from tasks.stage import InputError, cli, write_meta
+from tasks.stage import META_FILE, InputError, cli, read_json, write_meta
+
+# each policy stage's held-out exact match on the same test items (posttrain_data's test split, same seed)
+SELECT_KEYS = {"sft": "final_accuracy", "lora": "final_accuracy", "ppo": "gt_accuracy", "dpo": "gt_accuracy",
+               "grpo": "gt_accuracy"}
 
 BITS = {"fp32": 32, "int8": 8, "nf4": 4}
 CSV_FIELDS = ("variant", "bits", "size_bytes", "memory_footprint_bytes", "perplexity", "tokens_per_s",
@@ -150,6 +154,39 @@ def write_tradeoff(path: Path, rows: dict[str, dict]) -> None:
             writer.writerow({"variant": variant, **{k: m.get(k) for k in CSV_FIELDS[1:]}})
 
 
+# ------------------------------------------------------------------------------------------ choice
+def choose_policy(wanted: str, policies: dict[str, Path | None]) -> tuple[str, dict[str, float]]:
+    """The policy to quantise: `wanted` by name, or for "best" the highest held-out exact match that each policy
+    stage wrote beside its model (ties go to the earlier stage). Returns (name, every candidate's score)."""
+    given = {name: Path(path) for name, path in policies.items() if path is not None}
+    if wanted != "best":
+        if wanted not in given:
+            raise InputError(f"quantize.model is {wanted!r} but no --{wanted} folder was given")
+        return wanted, {}
+    scores = {}
+    for name in POLICIES:
+        if name not in given:
+            continue
+        meta = check_model_dir(given[name], f"{name} policy") / META_FILE
+        value = read_json(meta).get("metrics", {}).get(SELECT_KEYS[name]) if meta.exists() else None
+        if not isinstance(value, (int, float)):
+            raise InputError(f"{meta}: no metrics.{SELECT_KEYS[name]} to rank the {name} policy by "
+                             "(quantize.model: best; name a policy instead to skip the ranking)")
+        scores[name] = float(value)
+    if not scores:
+        raise InputError("quantize.model is best but no policy folder was given (--sft, --lora, --ppo, --dpo, --grpo)")
+    return max(scores, key=lambda n: (scores[n], -POLICIES.index(n))), scores
+
+
+def run_chosen(cfg: QuantizeConfig, *, corpus: Path, out: Path, tracker, **policies: Path | None) -> dict:
+    """Pick the policy (quantize.model), then quantise it; the metrics name the choice and its grounds."""
+    name, scores = choose_policy(cfg.model, policies)
+    print(f"quantize: policy {name}" + (f" (held-out exact match {scores})" if scores else ""), file=sys.stderr)
+    tracker.log_params({"policy_chosen": name})
+    metrics = run(cfg, model=Path(policies[name]), corpus=corpus, out=out, tracker=tracker)
+    return {"policy": name, "policy_scores": scores, **metrics}
+
+
 # -------------------------------------------------------------------------------------------- stage
 def run(cfg: QuantizeConfig, *, model: Path, corpus: Path, out: Path, tracker) -> dict:
     """Quantise a policy to int8 and nf4 with bitsandbytes; measure size, memory, perplexity and speed."""
@@ -225,7 +262,8 @@ def run(cfg: QuantizeConfig, *, model: Path, corpus: Path, out: Path, tracker) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli("quantize", run, inputs=("model", "corpus"), argv=argv)
+    options = {name: {"type": Path, "default": None, "help": f"the {name} policy folder"} for name in POLICIES}
+    return cli("quantize", run_chosen, inputs=("corpus",), options=options, argv=argv)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 A flow run that made a new evaluation registers, as new versions with alias `candidate`:
 
-    lmforge        the final policy (out/<quantize.model>/model) as an MLflow transformers model with the chat
+    lmforge        the final policy (the one the quantize stage chose: quantize.model) as an MLflow transformers model with the chat
                    task: `mlflow.pyfunc.load_model("models:/lmforge@champion")` answers OpenAI-style chat
                    requests, and so does `mlflow models serve`; its `model/` and `components/tokenizer/`
                    folders load with plain transformers. A LoRA policy is registered merged (out/lora/model),
@@ -65,6 +65,8 @@ def gate(root: Path) -> tuple[str, str, float, bool, dict[str, float]]:
     """(policy variant, gate metric, its value, higher is better, every metric of the policy) from the evaluation."""
     params = load_params(root / "params.yaml")
     variant, metric = params["quantize"].model, params["evaluate"].gate_metric
+    if variant == "best":  # the quantize stage chose, and says which
+        variant = json.loads((root / "out" / "quantize" / "metrics.json").read_text())["policy"]
     table = json.loads((root / "out" / "evaluate" / "table.json").read_text())
     row = table["rows"].get(variant, {})
     if metric not in row:

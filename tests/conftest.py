@@ -56,6 +56,25 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return save_llama(tmp_path_factory.mktemp("tiny") / "model", tiny_tokenizer, hidden=64, intermediate=128)
 
 
+@pytest.fixture(scope="session")
+def tiny_reward_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A reward model as the reward stage leaves it (an untrained head is enough here), accuracy 0.9 in its meta."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from tasks import scoring
+    from tasks.config import RewardConfig
+    from tasks.stage import write_meta
+
+    path = tmp_path_factory.mktemp("rm") / "model"
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    scoring.load_reward_model(tiny_model_dir, tok.pad_token_id).save_pretrained(path)
+    tok.save_pretrained(path)
+    write_meta(path, "reward", RewardConfig(), {scoring.ACCURACY_KEY: 0.9})
+    return path
+
+
 def write_corpus(root: Path, n_docs: int = 300) -> Path:
     """A small corpus in the mix stage's format (tasks/corpus.py): two sources, train and val."""
     import json

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from tasks import posttrain_data, ppo, reward, scoring
-from tasks.config import ConfigError, PpoConfig, RewardConfig, parse_section
-from tasks.stage import META_FILE, InputError, execute, read_json, write_meta
+from tasks import posttrain_data, ppo
+from tasks.config import ConfigError, PpoConfig, parse_section
+from tasks.stage import META_FILE, InputError, execute, read_json
 from tasks.tracking import NullTracker
 
 TINY = dict(train_prompts=16, test_prompts=8, steps=3, batch_size=4, mini_batches=2, ppo_epochs=1,
@@ -26,17 +26,8 @@ class Recorder(NullTracker):
 
 
 @pytest.fixture(scope="module")
-def reward_dir(tiny_model_dir, tmp_path_factory):
-    """A reward model as the reward stage leaves it (untrained head is enough here), accuracy 0.9 in its meta."""
-    from transformers import AutoTokenizer
-
-    path = tmp_path_factory.mktemp("rm") / "model"
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    torch.manual_seed(0)
-    scoring.load_reward_model(tiny_model_dir, tok.pad_token_id).save_pretrained(path)
-    tok.save_pretrained(path)
-    write_meta(path, "reward", RewardConfig(), {scoring.ACCURACY_KEY: 0.9})
-    return path
+def reward_dir(tiny_reward_dir):
+    return tiny_reward_dir
 
 
 @pytest.fixture(scope="module")

@@ -91,8 +91,8 @@ def test_bad_inputs_fail_before_work(quantized, tiny_model_dir, tiny_corpus, tmp
 
 def test_cli_reports_missing_model(tiny_corpus, tmp_path, capsys):
     params = tmp_path / "params.yaml"
-    params.write_text("quantize:\n  methods: [nf4]\n")
-    code = quantize.main(["--params", str(params), "--model", str(tmp_path / "missing"), "--corpus", str(tiny_corpus),
+    params.write_text("quantize:\n  methods: [nf4]\n  model: sft\n")
+    code = quantize.main(["--params", str(params), "--sft", str(tmp_path / "missing"), "--corpus", str(tiny_corpus),
                           "--out", str(tmp_path / "out")])
     assert code == 2
     assert "missing model" in capsys.readouterr().err
@@ -109,3 +109,23 @@ def test_perplexity_counts_every_target_once():
             return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 50)})()
 
     assert quantize.perplexity(Uniform(), torch.arange(37) % 50, seq_len=8, batch_size=3) == pytest.approx(50.0)
+
+
+def test_best_policy_by_heldout_exact_match(tiny_model_dir, tmp_path):
+    import shutil
+
+    from tasks.config import DpoConfig, SftConfig
+    from tasks.stage import write_meta
+
+    dirs = {}
+    for name, cfg, metrics in [("sft", SftConfig(), {"final_accuracy": 0.4}), ("dpo", DpoConfig(), {"gt_accuracy": 0.55}),
+                               ("grpo", DpoConfig(), {"gt_accuracy": 0.55})]:
+        dirs[name] = shutil.copytree(tiny_model_dir, tmp_path / name)
+        write_meta(dirs[name], name, cfg, metrics)
+    assert quantize.choose_policy("best", dirs) == ("dpo", {"sft": 0.4, "dpo": 0.55, "grpo": 0.55})  # tie: earlier
+    assert quantize.choose_policy("sft", {**dirs, "ppo": None}) == ("sft", {})
+    with pytest.raises(InputError, match="no --ppo folder"):
+        quantize.choose_policy("ppo", dirs)
+    write_meta(dirs["sft"], "sft", SftConfig(), {})
+    with pytest.raises(InputError, match="no metrics.final_accuracy to rank the sft policy"):
+        quantize.choose_policy("best", dirs)

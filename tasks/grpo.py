@@ -1,0 +1,212 @@
+"""grpo: group relative policy optimisation with TRL's GRPOTrainer and verifiable rewards.
+
+For each prompt the policy samples `group_size` replies; each reply's reward is checked against the prompt's
+known answer (no learned judge to exploit), and its advantage is its reward relative to the group's. The
+reward is a weighted sum of: correct (1 when the reply's answer equals the known answer exactly), format
+(1 when the reply is one short non-empty line that ends its turn) and, optionally, the learned reward
+model's score. A KL penalty (kl_coef) holds the policy near the frozen starting policy.
+Policy and reference = the SFT (or merged LoRA) model. Measured before and after on held-out prompts, as
+ppo and dpo are (`tasks.policy_eval`): ground-truth exact match, reward-model score, KL from the reference.
+Output: out/model (policy, loads with `AutoModelForCausalLM`, tokenizer beside it), out/curves.csv,
+out/samples.jsonl.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from tasks import distributed, posttrain_data
+from tasks.callbacks import OnLog
+from tasks.chat import END
+from tasks.config import GrpoConfig
+from tasks.models import load_tokenizer, set_generation_defaults
+from tasks.policy_eval import check_same_tokenizer, load_policy, measure, query_ids
+from tasks.runtime import pick_device
+from tasks.scoring import load_reward_model, score_ids
+from tasks.stage import InputError, cli, write_meta
+from tasks.tracking import Tracker
+
+TRAINER_TMP = "_trainer_tmp"
+MAX_ANSWER_CHARS = 40  # a well-formed reply to the built-in tasks is a number or two words
+CURVES = {"reward": "reward", "reward_std": "reward_std", "kl": "kl", "entropy": "entropy",
+          "rewards/correct/mean": "correct", "rewards/format/mean": "format", "rewards/reward_model/mean": "rm_score",
+          "completions/mean_length": "reply_tokens", "loss": "loss"}
+
+
+# ----------------------------------------------------------------------------------------- rewards
+def verify(reply: str, answer: str, ended: bool) -> dict[str, float]:
+    """The verifiable rewards of one reply (its text without special tokens) to a prompt whose answer is known:
+    correct = the reply's answer is exactly the known one; format = one short non-empty line that ended its turn."""
+    text = posttrain_data.extract(reply)
+    well_formed = ended and bool(text) and "\n" not in text and len(text) <= MAX_ANSWER_CHARS
+    return {"correct": posttrain_data.score(reply, answer), "format": 1.0 if well_formed else 0.0}
+
+
+def _reply_text(completion) -> str:
+    return completion[-1]["content"] if isinstance(completion, list) else completion
+
+
+def reward_functions(tokenizer, cfg: GrpoConfig, reward_model=None) -> tuple[list, list[float]]:
+    """GRPOTrainer's reward functions (named for its logs: rewards/<name>/mean) and their weights."""
+    end_id = tokenizer.convert_tokens_to_ids(END)
+
+    def correct(completions, completion_ids, answer, **_):
+        return [verify(_reply_text(c), a, end_id in ids)["correct"] for c, ids, a in zip(completions, completion_ids, answer)]
+
+    def format(completions, completion_ids, answer, **_):  # noqa: A001  (the name TRL logs)
+        return [verify(_reply_text(c), a, end_id in ids)["format"] for c, ids, a in zip(completions, completion_ids, answer)]
+
+    funcs, weights = [correct, format], [cfg.correct_weight, cfg.format_weight]
+    if cfg.reward_model_weight > 0:
+        def reward_model_score(prompts, completion_ids, **_):
+            seqs = [query_ids(tokenizer, p) + list(ids) for p, ids in zip(prompts, completion_ids)]
+            return score_ids(reward_model, seqs, tokenizer.pad_token_id).tolist()
+
+        reward_model_score.__name__ = "reward_model"
+        funcs.append(reward_model_score)
+        weights.append(cfg.reward_model_weight)
+    return funcs, weights
+
+
+# -------------------------------------------------------------------------------------------- data
+def training_prompts(cfg: GrpoConfig) -> list[dict]:
+    """User prompt files (each row needs its "answer"; validated first) plus the built-in train prompts."""
+    rows = []
+    for path in cfg.data_files:
+        for lineno, row in enumerate(posttrain_data.load_jsonl(path, "prompt"), 1):
+            if "answer" not in row:
+                raise InputError(f'{path}:{lineno}: grpo needs an "answer" string in every row to verify replies against')
+            p = row["prompt"]
+            rows.append({"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p, "answer": row["answer"]})
+    rows.extend({"prompt": r["prompt"], "answer": r["answer"]} for r in posttrain_data.prompts("train", cfg.train_prompts, cfg.seed))
+    if len(rows) < cfg.prompts_per_step:
+        raise InputError(f"grpo: {len(rows)} training prompts, fewer than one step's prompts_per_step ({cfg.prompts_per_step})")
+    return rows
+
+
+def make_trainer(cfg: GrpoConfig, model, tokenizer, rows: list[dict], work: Path, device: str, reward_model, callbacks):
+    from datasets import Dataset
+    from trl import GRPOConfig as TrlGrpoConfig
+    from trl import GRPOTrainer
+
+    # TRL stops sampling and masks replies at its tokenizer's eos; a chat turn ends at <|end|>, so its copy says so
+    gen_tok = copy.deepcopy(tokenizer)
+    gen_tok.eos_token = END
+    funcs, weights = reward_functions(tokenizer, cfg, reward_model)
+    args = TrlGrpoConfig(
+        output_dir=str(work),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=distributed.per_process(cfg.prompts_per_step * cfg.group_size, "prompts_per_step x group_size"),
+        num_generations=cfg.group_size,
+        max_completion_length=cfg.response_length,
+        temperature=cfg.temperature,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps,
+        beta=cfg.kl_coef,
+        epsilon=cfg.epsilon,
+        loss_type=cfg.loss_type,
+        scale_rewards=cfg.scale_rewards,
+        reward_weights=weights,
+        logging_steps=cfg.log_every,
+        logging_first_step=True,
+        save_strategy="no",
+        report_to="none",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=device == "cuda",
+        use_cpu=device == "cpu",
+        activation_checkpointing=False,
+        dataloader_num_workers=0,
+        **distributed.trainer_args(),
+    )
+    return GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=Dataset.from_list(rows),
+                       processing_class=gen_tok, callbacks=callbacks)
+
+
+# ------------------------------------------------------------------------------------------- stage
+def run(cfg: GrpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker: Tracker) -> dict:
+    """GRPO with verifiable rewards from the starting policy, measured before and after on held-out prompts."""
+    from transformers import set_seed
+
+    rows = training_prompts(cfg)  # before anything heavy
+    tok = load_tokenizer(policy)
+    check_same_tokenizer(tok, policy, reward_model)
+    test = posttrain_data.prompts("test", cfg.test_prompts, cfg.seed)
+
+    device = pick_device(cfg.device, "grpo", cfg.num_threads)
+    set_seed(cfg.seed)
+    model = load_policy(policy).to(device)
+    ref = load_policy(policy).to(device).eval().requires_grad_(False)
+    rm = load_reward_model(reward_model, tok.pad_token_id).to(device).eval().requires_grad_(False)
+    tracker.log_params({"n_params": sum(p.numel() for p in model.parameters()), "prompts_total": len(rows),
+                        "device_used": device.type})
+    kw = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.response_length, reward_model=rm, seed=cfg.seed)
+    before, samples_before = measure(model, tok, test, suffix="_before", **kw)
+    tracker.log_metrics({k: v for k, v in before.items() if not isinstance(v, dict)}, step=0)
+
+    curves: list[dict] = []
+
+    def collect(step: int, logs: dict) -> None:
+        row = {CURVES[k]: float(v) for k, v in logs.items() if k in CURVES}
+        if row:
+            curves.append({"step": step, **row})
+            tracker.log_metrics({f"rollout/{k}": v for k, v in row.items()}, step=step)
+
+    eos = model.config.eos_token_id  # the trainer aligns the config with its <|end|> copy; saved models keep theirs
+    work = out / TRAINER_TMP
+    trainer = make_trainer(cfg, model, tok, rows, work, device.type, rm, [OnLog(collect)])
+    t0 = time.perf_counter()
+    result = trainer.train()
+    train_s = time.perf_counter() - t0
+    shutil.rmtree(work, ignore_errors=True)
+    model = trainer.model
+    model.config.eos_token_id = eos
+
+    after, samples_after = measure(model, tok, test, ref=ref, **kw)
+    tail = curves[-5:]
+    metrics = {
+        **after, **before,
+        "gt_accuracy_gain": round(after["gt_accuracy"] - before["gt_accuracy_before"], 4),
+        "train_reward_first": round(curves[0]["reward"], 4) if curves and "reward" in curves[0] else None,
+        "train_reward_last": round(sum(r.get("reward", 0.0) for r in tail) / len(tail), 4) if tail else None,
+        "kl_last": round(sum(r.get("kl", 0.0) for r in tail) / len(tail), 4) if tail and cfg.kl_coef > 0 else None,
+        "steps": result.global_step, "episodes": result.global_step * cfg.prompts_per_step * cfg.group_size,
+        "train_prompts": len(rows), "test_prompts": len(test), "train_s": round(train_s, 2),
+    }
+
+    if curves:
+        columns = ["step", *dict.fromkeys(k for r in curves for k in r if k != "step")]
+        with (out / "curves.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(curves)
+    else:  # dvc.yaml declares the file; an empty table says no step was logged
+        (out / "curves.csv").write_text("step\n")
+    with (out / "samples.jsonl").open("w") as fh:
+        for row, b, a in zip(test, samples_before, samples_after):
+            fh.write(json.dumps({"prompt": row["prompt"][-1]["content"], "answer": row["answer"],
+                                 "task": row["task"], "before": b, "after": a}) + "\n")
+    tracker.log_artifact(out / "curves.csv")
+    tracker.log_artifact(out / "samples.jsonl")
+
+    model_dir = out / "model"
+    set_generation_defaults(model, tok)
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)  # the stage's tokenizer (eos <|endoftext|>), not the trainer's copy
+    write_meta(model_dir, "grpo", cfg, metrics, {"policy": policy, "reward_model": reward_model})
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli("grpo", run, inputs=("policy", "reward_model"), argv=argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
