@@ -125,14 +125,16 @@ def preference_accuracy(model, tokenizer, pairs: list[dict], batch_size: int = 6
 
 
 def measure(policy, tokenizer, rows: list[dict], *, batch_size: int, max_new_tokens: int, suffix: str = "",
-            reward_model=None, ref=None, seed: int = 0) -> tuple[dict, list[dict]]:
+            reward_model=None, ref=None, seed: int = 0, temperature: float = 0.0) -> tuple[dict, list[dict]]:
     """Held-out metrics of a policy on prompt rows ({"prompt", "answer", "task"}), keys ending in `suffix`,
-    and one sample per row. rm_score needs `reward_model`; kl_ref needs `ref`."""
+    and one sample per row. Replies are greedy (temperature 0) or sampled with `seed`. rm_score needs
+    `reward_model`; kl_ref needs `ref`."""
     from tasks.scoring import score_ids
 
     end_id, pad_id = tokenizer.convert_tokens_to_ids(END), tokenizer.pad_token_id
     queries = [query_ids(tokenizer, r["prompt"]) for r in rows]
-    greedy = replies(policy, tokenizer, queries, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    greedy = replies(policy, tokenizer, queries, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                     temperature=temperature, seed=seed)
     texts = tokenizer.batch_decode(greedy, skip_special_tokens=True)
     correct = [posttrain_data.score(t, r["answer"]) for t, r in zip(texts, rows)]
     by_task = defaultdict(list)

@@ -16,18 +16,17 @@ import csv
 import json
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from tasks import posttrain_data, ppo_backend
-from tasks.chat import END
 from tasks.config import PpoConfig
 from tasks.callbacks import OnLog
 from tasks.models import load_tokenizer
 from tasks.runtime import pick_device
-from tasks.scoring import ACCURACY_KEY, load_reward_model, score_ids
+from tasks.policy_eval import check_same_tokenizer, load_policy, measure, query_ids
+from tasks.scoring import ACCURACY_KEY, load_reward_model
 from tasks.stage import META_FILE, InputError, cli, read_json, write_meta
 from tasks.tracking import Tracker
 
@@ -52,14 +51,6 @@ def check_gate(cfg: PpoConfig, reward_model: Path) -> float | None:
     return float(accuracy)
 
 
-def load_policy(path: Path):
-    from transformers import AutoModelForCausalLM
-
-    if not (Path(path) / "config.json").exists():
-        raise InputError(f"{path}: not a model folder (no config.json; run the stage that makes the policy)")
-    return AutoModelForCausalLM.from_pretrained(path)
-
-
 def training_prompts(cfg: PpoConfig) -> list[list[dict]]:
     prompts = [r["prompt"] for r in posttrain_data.prompts("train", cfg.train_prompts, cfg.seed)]
     for path in cfg.data_files:
@@ -71,62 +62,10 @@ def training_prompts(cfg: PpoConfig) -> list[list[dict]]:
     return prompts
 
 
-def query_ids(tokenizer, prompt: list[dict]) -> list[int]:
-    """A prompt through the chat template, ending with the assistant tag the policy continues from."""
-    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
-    return ids["input_ids"]
-
-
-# ---------------------------------------------------------------------------------------- measuring
-@torch.no_grad()
-def answer(policy, tokenizer, queries: list[list[int]], cfg: PpoConfig) -> list[list[int]]:
-    """The policy's reply to each query (left-padded batches), cut after its first end-of-turn."""
-    end_id, pad_id = tokenizer.convert_tokens_to_ids(END), tokenizer.pad_token_id
-    sample = cfg.eval_temperature > 0
-    torch.manual_seed(cfg.seed)
-    was_training = policy.training
-    policy.eval()
-    replies = []
-    for i in range(0, len(queries), cfg.eval_batch_size):
-        chunk = queries[i : i + cfg.eval_batch_size]
-        width = max(len(q) for q in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, q in enumerate(chunk):
-            ids[j, width - len(q):] = torch.tensor(q)
-            mask[j, width - len(q):] = 1
-        extra = {"temperature": cfg.eval_temperature, "top_k": 0, "top_p": 1.0} if sample else {}
-        out = policy.generate(
-            input_ids=ids.to(policy.device), attention_mask=mask.to(policy.device), do_sample=sample,
-            max_new_tokens=cfg.response_length, eos_token_id=end_id, pad_token_id=pad_id, **extra,
-        )
-        for row in out[:, width:].tolist():
-            reply = row[: row.index(end_id) + 1] if end_id in row else row
-            replies.append([t for t in reply if t != pad_id])
-    policy.train(was_training)
-    return replies
-
-
-def evaluate(policy, reward_model, tokenizer, rows: list[dict], cfg: PpoConfig, suffix: str):
-    """Mean reward-model score, ground-truth accuracy and end-of-turn rate of the replies to held-out rows."""
-    end_id = tokenizer.convert_tokens_to_ids(END)
-    queries = [query_ids(tokenizer, r["prompt"]) for r in rows]
-    replies = answer(policy, tokenizer, queries, cfg)
-    scores = score_ids(reward_model, [q + r for q, r in zip(queries, replies)], tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(replies, skip_special_tokens=True)
-    correct = [posttrain_data.score(t, r["answer"]) for t, r in zip(texts, rows)]
-    by_task = defaultdict(list)
-    for c, r in zip(correct, rows):
-        by_task[r["task"]].append(c)
-    metrics = {
-        f"rm_score{suffix}": round(scores.mean().item(), 4),
-        f"gt_accuracy{suffix}": round(sum(correct) / len(correct), 4),
-        f"end_rate{suffix}": round(sum(end_id in r for r in replies) / len(replies), 4),
-        f"reply_tokens{suffix}": round(sum(map(len, replies)) / len(replies), 2),
-        f"gt_accuracy_by_task{suffix}": {t: round(sum(v) / len(v), 4) for t, v in sorted(by_task.items())},
-    }
-    samples = [{"text": t, "rm_score": round(s, 4), "correct": c} for t, s, c in zip(texts, scores.tolist(), correct)]
-    return metrics, samples
+def evaluate(policy, reward_model, tokenizer, rows: list[dict], cfg: PpoConfig, suffix: str, ref=None):
+    """Held-out metrics as dpo and grpo measure them (tasks.policy_eval), replies sampled at eval_temperature."""
+    return measure(policy, tokenizer, rows, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.response_length,
+                   suffix=suffix, reward_model=reward_model, ref=ref, seed=cfg.seed, temperature=cfg.eval_temperature)
 
 
 def write_curves(path: Path, rows: list[dict]) -> None:
@@ -142,9 +81,7 @@ def run(cfg: PpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker:
     """PPO against the reward model with a KL penalty to the starting policy."""
     gate = check_gate(cfg, reward_model)  # before anything heavy
     tok = load_tokenizer(policy)
-    rm_has_tok = (Path(reward_model) / "tokenizer_config.json").exists()
-    if rm_has_tok and load_tokenizer(reward_model).get_vocab() != tok.get_vocab():
-        raise InputError(f"{reward_model}: its tokenizer differs from the policy's ({policy}); both must share one")
+    check_same_tokenizer(tok, policy, reward_model)
     prompts = training_prompts(cfg)
     test = posttrain_data.prompts("test", cfg.test_prompts, cfg.seed)
 
@@ -181,7 +118,7 @@ def run(cfg: PpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker:
     train_s = time.perf_counter() - t0
     changed = any(not torch.equal(v, start[k]) for k, v in model.state_dict().items())
 
-    after, samples_after = evaluate(model, rm, tok, test, cfg, "")  # the runner logs the final metrics
+    after, samples_after = evaluate(model, rm, tok, test, cfg, "", ref=ref)  # the runner logs the final metrics
 
     tail = curves[-5:]  # the last few updates, less noisy than the very last one
     metrics = {
