@@ -25,6 +25,7 @@ from tasks.models import load_tokenizer, set_generation_defaults
 from tasks.policy_eval import check_same_tokenizer, load_policy, measure, preference_accuracy
 from tasks.runtime import pick_device
 from tasks.scoring import load_reward_model
+from tasks.stats import paired_gain
 from tasks.stage import InputError, cli, write_meta
 from tasks.tracking import Tracker
 
@@ -126,7 +127,8 @@ def run(cfg: DpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker:
     losses = [h["train/loss"] for h in history if "train/loss" in h]
     metrics = {
         **after, **before,
-        "gt_accuracy_gain": round(after["gt_accuracy"] - before["gt_accuracy_before"], 4),
+        # on the same held-out items, with its 95% paired-bootstrap interval (tasks.stats)
+        "gt_accuracy_gain": paired_gain([x["correct"] for x in samples_before], [x["correct"] for x in samples_after]),
         "implicit_reward_accuracy": round(final["eval_rewards/accuracies"], 4),
         "implicit_reward_margin": round(final["eval_rewards/margins"], 4),
         "train_loss_first": losses[0] if losses else None,

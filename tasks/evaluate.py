@@ -39,6 +39,7 @@ from tasks.corpus import source_names
 from tasks.models import check_model_dir, load_causal_lm
 from tasks.runtime import pick_device
 from tasks.stage import InputError, cli, write_json
+from tasks.stats import describe, paired_gain
 
 log = logging.getLogger("lmforge.evaluate")
 VARIANTS: tuple[str, ...] = get_args(get_args(EvaluateConfig.model_fields["variants"].annotation)[0])
@@ -173,6 +174,33 @@ def task_metrics(results: dict) -> tuple[dict[str, dict[str, float]], dict[str, 
     return metrics, better
 
 
+def item_scores(results: dict) -> dict[str, dict]:
+    """Per-item scores of the mean-aggregated metrics (accuracy, exact match): {task.metric: {doc_id: score}}."""
+    out: dict[str, dict] = {}
+    for task, samples in (results.get("samples") or {}).items():
+        name = task.removeprefix(benchmarks.PREFIX)
+        for sample in samples:
+            for key, value in sample.items():
+                if key in ("acc", "acc_norm", "exact_match") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    out.setdefault(f"{name}.{key}", {})[sample["doc_id"]] = float(value)
+    return out
+
+
+def gains_over_base(items: dict[str, dict[str, dict]], seed: int) -> dict[str, dict[str, dict]]:
+    """{variant: {task.metric: paired_gain}} against base, over the items both were scored on."""
+    base = items.get("base", {})
+    gains: dict[str, dict[str, dict]] = {}
+    for variant, scores in items.items():
+        if variant == "base":
+            continue
+        for metric, per_item in scores.items():
+            shared = sorted(set(per_item) & set(base.get(metric, {})))
+            if shared:
+                gains.setdefault(variant, {})[metric] = paired_gain(
+                    [base[metric][d] for d in shared], [per_item[d] for d in shared], seed=seed)
+    return gains
+
+
 def _fmt(value) -> str:
     if value is None:
         return "–"
@@ -191,6 +219,13 @@ def write_table(out: Path, rows: dict[str, dict[str, float]], better: dict[str, 
     lines = ["| metric | " + " | ".join(rows) + " |", "|---|" + "---:|" * len(rows)]
     for c in columns:
         lines.append(f"| {c} {arrow[better.get(c)]} | " + " | ".join(_fmt(rows[v].get(c)) for v in rows) + " |")
+    gains = extra.get("gains_over_base") or {}
+    metrics = list(dict.fromkeys(m for g in gains.values() for m in g))
+    if metrics:
+        lines += ["", "Gain over base on the same items, with its 95% paired-bootstrap interval:", "",
+                  "| metric | " + " | ".join(gains) + " |", "|---|" + "---:|" * len(gains)]
+        lines += [f"| {m} | " + " | ".join(describe(gains[v][m]) if m in gains[v] else "–" for v in gains) + " |"
+                  for m in metrics]
     for note in extra.get("notes", []):
         lines.append(f"\n{note}")
     (out / "table.md").write_text("\n".join(lines) + "\n")
@@ -283,6 +318,7 @@ def run(cfg: EvaluateConfig, *, corpus: Path, out: Path, tracker, **variant_dirs
     rows: dict[str, dict[str, float]] = {}
     better: dict[str, bool] = {}
     metrics: dict[str, dict] = {}
+    items: dict[str, dict] = {}
     with hub_offline(not cfg.allow_network), tempfile.TemporaryDirectory(prefix="lmforge-tasks-") as tmp:
         tokenizer = AutoTokenizer.from_pretrained(dirs[cfg.variants[0]])
         sizes = benchmarks.write_tasks(cfg, corpus, tokenizer, out / "benchmarks", Path(tmp))
@@ -294,6 +330,7 @@ def run(cfg: EvaluateConfig, *, corpus: Path, out: Path, tracker, **variant_dirs
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(results, indent=1, default=handle_non_serializable))
             metrics[v], hib = task_metrics(results)
+            items[v] = item_scores(results)
             better.update(hib)
             rows[v] = {f"{t}.{m}": x for t, ms in metrics[v].items() for m, x in ms.items()}
             tracker.log_metrics({v: metrics[v]})
@@ -305,8 +342,11 @@ def run(cfg: EvaluateConfig, *, corpus: Path, out: Path, tracker, **variant_dirs
         verdict = "passed" if gate["passed"] else "FAILED"
         notes.append(f"Quality gate {verdict}: {gate['variant']} {gate['metric']} = {_fmt(gate['value'])} vs base "
                      f"{_fmt(gate['base'])} (gain {gate['gain']:+.4f}, required {gate['min_gain']:+.4f})")
+    gains = gains_over_base(items, cfg.seed) if "base" in items else {}
+    if not cfg.log_samples:
+        notes.append("No gains with intervals: they need per-item scores (evaluate.log_samples: true).")
     write_table(out, rows, better, {"examples": sizes, "skipped_extra_tasks": skipped, "gate": gate,
-                                    "device": device.type, "notes": notes})
+                                    "device": device.type, "gains_over_base": gains, "notes": notes})
     tracker.log_artifact(out / "table.md")
     tracker.log_artifact(out / "table.json")
     if gate and not gate["passed"]:

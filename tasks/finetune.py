@@ -19,6 +19,7 @@ from tasks.callbacks import ForwardLogs
 from tasks.config import SftConfig
 from tasks.models import stop_token_ids
 from tasks.stage import InputError
+from tasks.stats import paired_gain
 
 TRAINER_TMP = "_trainer_tmp"  # Trainer's output_dir inside the staging folder; removed after training
 SAMPLES = 20  # test answers kept in samples.jsonl
@@ -78,7 +79,8 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], batch_size: in
 
 
 def answer_accuracy(model, tokenizer, rows: list[dict], batch_size: int, max_new_tokens: int) -> tuple[dict, list[str]]:
-    """Overall and per-task accuracy of greedy answers on rows with "messages" or "prompt", "answer", "task"."""
+    """Overall and per-task accuracy of greedy answers on rows with "messages" or "prompt", "answer", "task";
+    and the answers."""
     prompts = [r["prompt"] if "prompt" in r else r["messages"][:-1] for r in rows]
     answers = generate_answers(model, tokenizer, prompts, batch_size, max_new_tokens)
     hits: dict[str, list[float]] = defaultdict(list)
@@ -170,7 +172,9 @@ def finetune(cfg: SftConfig, model, tokenizer, train_convs: list[list[dict]], ou
         "final_eval_loss": final_eval["eval_loss"],
         **{f"base_{k}": v for k, v in base_acc.items()},
         **{f"final_{k}": v for k, v in final_acc.items()},
-        "accuracy_gain": final_acc["accuracy"] - base_acc["accuracy"],
+        # on the same held-out items, with its 95% paired-bootstrap interval (tasks.stats)
+        "accuracy_gain": paired_gain([posttrain_data.score(a, r["answer"]) for r, a in zip(test_rows, base_answers)],
+                                     [posttrain_data.score(a, r["answer"]) for r, a in zip(test_rows, final_answers)]),
     }
     samples = out / "samples.jsonl"
     with samples.open("w") as fh:

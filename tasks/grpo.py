@@ -29,6 +29,7 @@ from tasks.models import load_tokenizer, set_generation_defaults
 from tasks.policy_eval import check_same_tokenizer, load_policy, measure, query_ids
 from tasks.runtime import pick_device
 from tasks.scoring import load_reward_model, score_ids
+from tasks.stats import paired_gain
 from tasks.stage import InputError, cli, write_meta
 from tasks.tracking import Tracker
 
@@ -173,7 +174,8 @@ def run(cfg: GrpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker
     tail = curves[-5:]
     metrics = {
         **after, **before,
-        "gt_accuracy_gain": round(after["gt_accuracy"] - before["gt_accuracy_before"], 4),
+        # on the same held-out items, with its 95% paired-bootstrap interval (tasks.stats)
+        "gt_accuracy_gain": paired_gain([x["correct"] for x in samples_before], [x["correct"] for x in samples_after]),
         "train_reward_first": round(curves[0]["reward"], 4) if curves and "reward" in curves[0] else None,
         "train_reward_last": round(sum(r.get("reward", 0.0) for r in tail) / len(tail), 4) if tail else None,
         "kl_last": round(sum(r.get("kl", 0.0) for r in tail) / len(tail), 4) if tail and cfg.kl_coef > 0 else None,

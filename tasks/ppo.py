@@ -27,6 +27,7 @@ from tasks.models import load_tokenizer
 from tasks.runtime import pick_device
 from tasks.policy_eval import check_same_tokenizer, load_policy, measure, query_ids
 from tasks.scoring import ACCURACY_KEY, load_reward_model
+from tasks.stats import paired_gain
 from tasks.stage import META_FILE, InputError, cli, read_json, write_meta
 from tasks.tracking import Tracker
 
@@ -124,6 +125,7 @@ def run(cfg: PpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker:
     metrics = {
         **after, **before,
         "rm_score_gain": round(after["rm_score"] - before["rm_score_before"], 4),
+        "gt_accuracy_gain": paired_gain([x["correct"] for x in samples_before], [x["correct"] for x in samples_after]),
         "train_rm_score_first": round(curves[0]["rm_score"], 4) if curves else None,
         "train_rm_score_last": round(sum(r["rm_score"] for r in tail) / len(tail), 4) if tail else None,
         "kl_last": round(sum(r["kl"] for r in tail) / len(tail), 4) if tail else None,

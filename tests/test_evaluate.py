@@ -75,8 +75,11 @@ def test_every_builtin_task_runs_for_every_variant(evaluated):
     assert table["higher_is_better"]["arith_mc.acc"] is True and table["higher_is_better"]["cloze.perplexity"] is False
     assert table["examples"]["arith_mc"] == TINY["mc_questions"] and table["examples"]["cloze"] == TINY["cloze_items"]
 
+    gain = table["gains_over_base"]["sft"]["arith_mc.acc"]  # same model: no gain, an interval of width 0
+    assert gain == {"gain": 0.0, "lo": 0.0, "hi": 0.0, "n": TINY["mc_questions"], "beyond_noise": False}
+    assert set(table["gains_over_base"]["sft"]) >= {"arith_gen.exact_match", "cloze.acc"}
     md = (out / "table.md").read_text()
-    assert "| metric | base | sft |" in md and "arith_gen.exact_match" in md
+    assert "| metric | base | sft |" in md and "arith_gen.exact_match" in md and "(within noise)" in md
     # nested per variant for DVC, dotted for MLflow
     assert metrics["sft"]["arith_gen"]["exact_match"] == table["rows"]["sft"]["arith_gen.exact_match"]
     assert json.loads((out / "metrics.json").read_text())["base"]["cloze"]["acc"] == table["rows"]["base"]["cloze.acc"]

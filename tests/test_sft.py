@@ -52,9 +52,12 @@ def test_sft_trains_and_writes_a_loadable_chat_model(tiny_model_dir, tmp_path):
 
     saved = json.loads((out / "metrics.json").read_text())
     for key in ("base_accuracy", "final_accuracy", "base_eval_loss", "final_eval_loss", "final_accuracy_add",
-                "base_accuracy_larger", "accuracy_gain", "train_loss_first", "train_loss_last"):
+                "base_accuracy_larger", "train_loss_first", "train_loss_last"):
         assert key in saved and math.isfinite(saved[key]), key
     assert 0.0 <= metrics["final_accuracy"] <= 1.0
+    gain = saved["accuracy_gain"]  # paired over the same held-out items, with its bootstrap interval
+    assert gain["gain"] == pytest.approx(saved["final_accuracy"] - saved["base_accuracy"], abs=1e-3)
+    assert gain["lo"] <= gain["gain"] <= gain["hi"] and gain["n"] == TINY["test_examples"]
     assert metrics["steps"] == TINY["max_steps"]
     assert metrics["final_eval_loss"] < metrics["base_eval_loss"]
     assert [s for s, m in tracker.logged if "train/loss" in m] == list(range(1, TINY["max_steps"] + 1))
