@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from tasks.config import STAGES
+from tasks.stats import describe
 
 
 def _metrics(out: Path, stage: str) -> dict | None:
@@ -176,6 +177,13 @@ def section_evaluate(r: Report) -> str | None:
         [[m + arrow.get(table["higher_is_better"].get(m), ""), *(table["rows"][v].get(m) for v in variants)]
          for m in metrics],
     )
+    gains = table.get("gains_over_base") or {}
+    gain_metrics = list(dict.fromkeys(m for g in gains.values() for m in g))
+    if gain_metrics:
+        text += ("\nGain over base on the same items, with its 95% paired-bootstrap interval (one that holds 0 is "
+                 "within noise):\n\n")
+        text += _table(["metric", *gains], [[m, *(describe(gains[v][m]) if m in gains[v] else None for v in gains)]
+                                            for m in gain_metrics])
     scores = [m for m in metrics if table["higher_is_better"].get(m) and not m.startswith("ppl")]
     if scores:
         def draw(ax):
@@ -198,10 +206,12 @@ def section_finetune(r: Report) -> str | None:
     rows = []
     for name, m in (("sft (full)", sft), ("lora", lora)):
         if m:
-            rows.append([name, m.get("base_accuracy"), m.get("final_accuracy"), m.get("base_eval_loss"),
+            gain = m.get("accuracy_gain")
+            rows.append([name, m.get("base_accuracy"), m.get("final_accuracy"),
+                         describe(gain) if isinstance(gain, dict) else gain, m.get("base_eval_loss"),
                          m.get("final_eval_loss"), m.get("trainable_share", 1.0), m.get("train_time_s")])
     text = "## Supervised fine-tuning: full vs LoRA\n\nAccuracy: greedy answers to held-out questions, exact match.\n\n"
-    text += _table(["run", "base accuracy", "accuracy after", "base held-out loss", "held-out loss after",
+    text += _table(["run", "base accuracy", "accuracy after", "gain [95% interval]", "base held-out loss", "held-out loss after",
                     "trainable share", "train seconds"], rows)
     bars = {"base": (sft or lora).get("base_accuracy")}
     bars.update({name: m.get("final_accuracy") for name, m in (("sft", sft), ("lora", lora)) if m})
@@ -245,8 +255,51 @@ def section_ppo(r: Report) -> str | None:
     return text
 
 
-SECTIONS = [section_mix, section_tokenizer, section_pretrain, section_finetune, section_reward, section_ppo,
-            section_quantize, section_evaluate]
+def section_alignment(r: Report) -> str | None:
+    """PPO, DPO and GRPO side by side, each measured the same way on the same held-out prompts (tasks.policy_eval)."""
+    runs = {name: m for name in ("ppo", "dpo", "grpo") if (m := _metrics(r.out, name))}
+    if not runs:
+        return None
+    rows = []
+    for name, m in runs.items():
+        gain = m.get("gt_accuracy_gain")
+        rows.append([name, m.get("gt_accuracy_before"), m.get("gt_accuracy"),
+                     describe(gain) if isinstance(gain, dict) else gain, m.get("rm_score_before"), m.get("rm_score"),
+                     m.get("kl_ref"), m.get("train_s"), m.get("wall_time_s")])
+    text = ("## Alignment: PPO vs DPO vs GRPO\n\nSame held-out prompts for each: ground-truth exact match (greedy), the "
+            "learned reward model's score of those replies, and the KL from the starting policy (summed over a "
+            "sampled reply). Gains carry their 95% paired-bootstrap interval; one that holds 0 is marked within "
+            "noise.\n\n")
+    text += _table(["method", "exact match before", "after", "gain [95% interval]", "RM score before", "after",
+                    "KL from start", "train s", "stage s"], rows)
+    chosen = (_metrics(r.out, "quantize") or {}).get("policy")
+    if chosen:
+        text += f"\nQuantised and handed on: **{chosen}** (quantize.model).\n"
+
+    def draw(ax):
+        names = list(runs)
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], [runs[n].get("gt_accuracy_before") or 0 for n in names], 0.4, label="before", color="grey")
+        ax.bar([x + 0.2 for x in xs], [runs[n].get("gt_accuracy") or 0 for n in names], 0.4, label="after", color="tab:green")
+        ax.set_xticks(list(xs), names)
+        ax.set_ylabel("held-out exact match")
+        ax.legend(fontsize=8)
+    text += r.plot("alignment_accuracy", draw, "Alignment methods: exact match before and after")
+    curves = _csv(r.out / "grpo" / "curves.csv")
+    if curves and "reward" in curves[0]:
+        def draw_grpo(ax):
+            steps = [c["step"] for c in curves]
+            ax.plot(steps, [c["reward"] for c in curves], label="reward (weighted)")
+            if "correct" in curves[0]:
+                ax.plot(steps, [c["correct"] for c in curves], label="correct share")
+            ax.set_xlabel("GRPO step")
+            ax.legend(fontsize=8, loc="upper left")
+        text += r.plot("grpo_curves", draw_grpo, "GRPO: reward of sampled replies over steps")
+    return text
+
+
+SECTIONS = [section_mix, section_tokenizer, section_pretrain, section_finetune, section_reward, section_alignment,
+            section_ppo, section_quantize, section_evaluate]
 
 
 def write(root: str | Path = ".", title: str = "lmforge report card") -> Path:

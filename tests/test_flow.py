@@ -148,9 +148,11 @@ def test_changed_param_reruns_its_stage_and_downstream_only(project, first_run, 
 
 def test_report_card_is_written_with_plots(project, first_run):
     card = (project / "out/report/report.md").read_text()
-    for heading in ("## Wall time per stage", "## Data mixture", "## Tokenizer", "## Pretraining"):
+    for heading in ("## Wall time per stage", "## Data mixture", "## Tokenizer", "## Pretraining",
+                    "## Alignment: PPO vs DPO vs GRPO", "Gain over base on the same items"):
         assert heading in card
-    for png in ("walltime.png", "mixture.png", "pretrain_loss.png"):
+    assert "Quantised and handed on: **" in card
+    for png in ("walltime.png", "mixture.png", "pretrain_loss.png", "alignment_accuracy.png", "grpo_curves.png"):
         assert (project / "out/report" / png).stat().st_size > 1000
         assert f"({png})" in card
 
