@@ -34,7 +34,8 @@ PLANTED = "planted-" + secrets.token_hex(8)  # the PostgreSQL password: it must 
 EXPERIMENT = "team-it"
 # the tiny preset, shorter still where it only costs time here: the stack is under test, not the models
 SHORTER = [("pretrain", "max_steps", 30), ("sft", "max_steps", 8), ("lora", "max_steps", 8), ("ppo", "steps", 2),
-           ("reward", "train_pairs", 32), ("evaluate", "variants", '["base", "ppo"]'), ("evaluate", "mc_questions", 20),
+           ("reward", "train_pairs", 32), ("dpo", "max_steps", 2), ("grpo", "max_steps", 2),
+           ("quantize", "model", '"ppo"'), ("evaluate", "variants", '["base", "ppo"]'), ("evaluate", "mc_questions", 20),
            ("evaluate", "cloze_items", 20), ("evaluate", "gen_questions", 10)]
 
 
@@ -177,7 +178,8 @@ def test_worker_runs_the_deployment_into_the_shared_stores(stack, scheduled_run,
     parent = next(r for r in runs if r.info.run_name == "lifecycle")
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert parent.info.status == "FINISHED" and {r.info.status for r in children.values()} == {"FINISHED"}
-    assert set(children) == {"mix", "tokenizer", "pretrain", "sft", "lora", "reward", "ppo", "quantize", "evaluate"}
+    assert set(children) == {"mix", "tokenizer", "pretrain", "sft", "lora", "reward", "ppo", "dpo", "grpo", "quantize",
+                             "evaluate"}
     assert parent.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server to S3
     keys = _s3_keys(stack, "lmforge-mlflow")
     assert any(k.endswith("registry/lmforge/MLmodel") for k in keys) and any("report.md" in k for k in keys)
