@@ -299,6 +299,7 @@ class DpoConfig(_Section):
     warmup_steps: int = F(5, "linear warm-up steps", ge=0)
     beta: float = F(0.1, "DPO temperature: higher keeps the policy closer to the reference", gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = F("sigmoid", "DPO loss: sigmoid = the original DPO, ipo = IPO, hinge = SLiC")
+    sft_weight: float = F(1.0, "weight of an added NLL loss on the chosen reply (RPO); plain DPO lowers the chosen reply's likelihood too; 0 = plain DPO", ge=0)
     max_length: int = F(128, "truncate prompt + answer to this many tokens", gt=0)
     log_every: int = F(5, "steps between logged training metrics", gt=0)
     eval_batch_size: int = F(64, "prompts per batch when measuring", gt=0)

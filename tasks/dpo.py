@@ -67,7 +67,9 @@ def make_trainer(cfg: DpoConfig, model, ref, tokenizer, train: list[dict], test:
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_steps,
         beta=cfg.beta,
-        loss_type=[cfg.loss_type],
+        # the NLL term keeps the chosen replies likely: without it DPO widens the margin by lowering both
+        loss_type=[cfg.loss_type, "sft"] if cfg.sft_weight > 0 else [cfg.loss_type],
+        loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight > 0 else None,
         max_length=min(cfg.max_length, getattr(model.config, "max_position_embeddings", cfg.max_length)),
         logging_steps=cfg.log_every,
         logging_first_step=True,
