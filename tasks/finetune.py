@@ -25,15 +25,28 @@ SAMPLES = 20  # test answers kept in samples.jsonl
 
 
 # ------------------------------------------------------------------------------------------- data
-def training_conversations(cfg: SftConfig) -> list[list[dict]]:
-    """Built-in train conversations plus the user's files (validated first, so bad rows fail fast)."""
+def training_conversations(cfg: SftConfig, tokenizer=None, context: int | None = None) -> list[list[dict]]:
+    """Built-in train conversations plus the user's files (validated first, so bad rows fail fast). With a
+    tokenizer, a user row whose prompt leaves no room for its answer within max_length (and the model's
+    `context`) is refused: truncation would cut the whole answer, and the row would teach nothing."""
     convs = []
+    limit = min(cfg.max_length, context or cfg.max_length)
     for path in cfg.data_files:
-        rows = posttrain_data.load_jsonl(path, cfg.data_format)
+        lines: list[int] = []
+        rows = posttrain_data.load_jsonl(path, cfg.data_format, lines)
         found = posttrain_data.detect_kind(rows[0])
         if found not in ("messages", "prompt_completion"):
             raise InputError(f"{path}:1: sft needs messages or prompt_completion rows, this file is {found} data")
-        convs.extend(posttrain_data.to_messages(r) for r in rows)
+        for row, lineno in zip(rows, lines):
+            conv = posttrain_data.to_messages(row)
+            if tokenizer is not None:
+                last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
+                prompt = tokenizer.apply_chat_template(conv[:last], add_generation_prompt=True, tokenize=True,
+                                                       return_dict=True)["input_ids"]
+                if len(prompt) >= limit:
+                    raise InputError(f"{path}:{lineno}: the prompt is {len(prompt)} tokens, so no answer token fits "
+                                     f"in {limit} (max_length, or the model's context)")
+            convs.append(conv)
     convs.extend(r["messages"] for r in posttrain_data.conversations("train", cfg.train_examples, cfg.seed))
     if not convs:
         raise InputError("no training data: train_examples is 0 and data_files is empty")

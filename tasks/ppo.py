@@ -57,7 +57,7 @@ def load_policy(path: Path):
 
     if not (Path(path) / "config.json").exists():
         raise InputError(f"{path}: not a model folder (no config.json; run the stage that makes the policy)")
-    return AutoModelForCausalLM.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
 
 
 def training_prompts(cfg: PpoConfig) -> list[list[dict]]:

@@ -29,6 +29,7 @@ from tasks import chat, distributed
 from tasks.config import PretrainConfig
 from tasks.corpus import source_names
 from tasks.lm import build_model, eval_windows, flops_per_token, lr_at, param_groups, resolve_device, tokenize_split
+from tasks.models import read_tokenizer
 from tasks.stage import InputError, cli, write_meta
 from tasks.tracking import Tracker
 
@@ -170,13 +171,11 @@ def run(cfg: PretrainConfig, *, corpus: Path, tokenizer: Path, out: Path, tracke
     """Pretrain a Llama-style model (or continue init_from's) on the mixed corpus."""
     from contextlib import nullcontext
 
-    from transformers import AutoTokenizer
-
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     if cfg.init_from:
         print(f"pretrain: continuing {cfg.init_from} with its own tokenizer ({tokenizer} is not used)", file=sys.stderr)
-    tok = base_tokenizer(cfg) if cfg.init_from else AutoTokenizer.from_pretrained(tokenizer)
+    tok = base_tokenizer(cfg) if cfg.init_from else read_tokenizer(tokenizer)
     device, amp_dtype = resolve_device(cfg)
     distributed.init(device)
     world, rank = distributed.world_size(), distributed.rank()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tasks.config import SftConfig
 from tasks.finetune import finetune, training_conversations
-from tasks.models import load_tokenizer, set_generation_defaults
+from tasks.models import context_length, load_tokenizer, set_generation_defaults
 from tasks.runtime import pick_device
 from tasks.stage import cli, write_meta
 
@@ -27,11 +27,12 @@ def run(cfg: SftConfig, *, base: Path, out: Path, tracker) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, set_seed
 
-    train_convs = training_conversations(cfg)  # validates user data before anything heavy is loaded
+    tokenizer = load_tokenizer(base)  # checks the model folder's files too
+    train_convs = training_conversations(cfg, tokenizer, context_length(base))  # before anything heavy
     device = pick_device(cfg.device, "sft", cfg.num_threads).type
     set_seed(cfg.seed)
-    tokenizer = load_tokenizer(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=False)
     trainer, metrics = finetune(cfg, model, tokenizer, train_convs, out, tracker, device)
     metrics["params"] = sum(p.numel() for p in model.parameters())
 
