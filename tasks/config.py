@@ -158,6 +158,8 @@ class PretrainConfig(_Section):
         "the size knobs below are then ignored"
     )
     allow_network: bool = F(False, "let init_from download from the Hugging Face hub; off: local folders and cache only")
+    allow_pickle: bool = F(False, "let init_from load pickle weights (.bin, .pt), which can run code when loaded; off: safetensors only")
+    trust_remote_code: bool = F(False, "let init_from run the Python code its config names (auto_map); off: such a model is refused")
     hidden_size: int = F(256, "model width", gt=0)
     num_layers: int = F(4, "decoder layers", gt=0)
     num_heads: int = F(4, "attention heads", gt=0)

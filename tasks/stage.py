@@ -120,10 +120,10 @@ def execute(stage: str, fn: Callable[..., dict], cfg: BaseModel, out: Path, inpu
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
-        out.mkdir(exist_ok=True)
-        probe = out / f".lmforge-probe-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
+        if out.is_dir():  # publishing moves entries into it (a new one is made beside the staging folder)
+            probe = out / f".lmforge-probe-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
         raise InputError(f"cannot write the output folder {out}: {err.strerror or err}") from None
