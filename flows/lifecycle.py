@@ -297,7 +297,8 @@ def write_summary(path: Path, results: list[dict], preset: str | None, run_id: s
     """out/summary.md: what this flow run ran and skipped (and `note`: the registry's decision)."""
     (path / "out").mkdir(exist_ok=True)
     summary_md = path / "out" / "summary.md"
-    summary_md.write_text(summary(path, results, preset, run_id) + (f"\n{note}\n" if note else ""))
+    # redacted: the note may quote an error, the summary becomes a Prefect artifact and an MLflow one
+    summary_md.write_text(tracking.redact(summary(path, results, preset, run_id) + (f"\n{note}\n" if note else "")))
     return summary_md
 
 

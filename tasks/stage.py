@@ -142,7 +142,7 @@ def execute(stage: str, fn: Callable[..., dict], cfg: BaseModel, out: Path, inpu
 
 
 def _call(fn, cfg, staging, inputs, extra, tracker, start) -> dict:
-    metrics = dict(fn(cfg, out=staging, tracker=tracker, **inputs, **(extra or {})) or {})
+    metrics = tracking.redact(dict(fn(cfg, out=staging, tracker=tracker, **inputs, **(extra or {})) or {}))
     metrics["wall_time_s"] = round(time.perf_counter() - start, 2)
     tracker.log_metrics(metrics)
     write_json(staging / "metrics.json", metrics)
