@@ -332,14 +332,14 @@ def lifecycle(preset: str | None = None, stages: list[str] | None = None, experi
             if todo:
                 results, summary_md, card = run_stages(path, order, preset, experiment, register_models)
         except ConfigError as err:
-            logger.error("error: %s", err)
-            return Failed(message=f"error: {err}")
+            logger.error("error: %s", tracking.redact(str(err)))
+            return Failed(message=tracking.redact(f"error: {err}"))
         except StageFailed as err:
-            logger.error("%s", err)
+            logger.error("%s", tracking.redact(str(err)))
             card = report.card_path(path)
             create_markdown_artifact(err.summary_md.read_text() + ("\n" + card.read_text() if card.exists() else ""),
                                      key="lifecycle-report", description="the failed stage, and what stands")
-            return Failed(message=str(err))
+            return Failed(message=tracking.redact(str(err)))
         finally:
             tracking.discard_prewarmed()  # nothing ran, or the flow failed before its run began
         if not todo:  # nothing to rebuild, so nothing to track: no MLflow run, no stage tasks
