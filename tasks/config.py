@@ -217,6 +217,7 @@ class SftConfig(_Section):
     assistant_only_loss: bool = F(True, "loss on assistant tokens only (prompt tokens get label -100)")
     log_every: int = F(10, "steps between logged training metrics", gt=0)
     eval_every: int = F(0, "steps between held-out loss evaluations; 0: only before and after training", ge=0)
+    checkpoint_every: int = F(100, "steps between resumable checkpoints (in --checkpoints; a rerun resumes the last); 0: none", ge=0)
     eval_batch_size: int = F(64, "prompts per batched greedy generation when measuring accuracy", gt=0)
     max_new_tokens: int = F(8, "tokens generated per answer when measuring accuracy", gt=0)
     device: Literal["auto", "cpu", "cuda"] = F("auto", "auto picks cuda when available (bf16 there, fp32 on cpu)")

@@ -15,14 +15,14 @@ import sys
 from pathlib import Path
 
 from tasks.config import SftConfig
-from tasks.finetune import finetune, training_conversations
+from tasks.finetune import fingerprint, finetune, training_conversations
 from tasks.models import context_length, load_tokenizer, set_generation_defaults
 from tasks.runtime import pick_device
 from tasks.stage import cli, write_meta
 
 
 # ------------------------------------------------------------------------------------------ stage
-def run(cfg: SftConfig, *, base: Path, out: Path, tracker) -> dict:
+def run(cfg: SftConfig, *, base: Path, out: Path, tracker, checkpoints: Path | None = None) -> dict:
     """Full supervised fine-tuning of a pretrained model on chat conversations."""
     import torch
     from transformers import AutoModelForCausalLM, set_seed
@@ -33,7 +33,8 @@ def run(cfg: SftConfig, *, base: Path, out: Path, tracker) -> dict:
     set_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True,
                                                  trust_remote_code=False)
-    trainer, metrics = finetune(cfg, model, tokenizer, train_convs, out, tracker, device)
+    trainer, metrics = finetune(cfg, model, tokenizer, train_convs, out, tracker, device, checkpoints=checkpoints,
+                                fp=fingerprint(cfg, base, train_convs))
     metrics["params"] = sum(p.numel() for p in model.parameters())
 
     model_dir = out / "model"
@@ -45,7 +46,8 @@ def run(cfg: SftConfig, *, base: Path, out: Path, tracker) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli("sft", run, inputs=("base",), argv=argv)
+    return cli("sft", run, inputs=("base",), argv=argv, options={
+        "checkpoints": {"type": Path, "default": None, "help": "scratch folder for resumable checkpoints (not an output)"}})
 
 
 if __name__ == "__main__":
