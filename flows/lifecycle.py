@@ -23,6 +23,8 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.exceptions import FailedRun
+from prefect.states import Failed
 
 from flows import report
 from flows.lock import Busy, project_lock
@@ -99,14 +101,59 @@ def lock_hash(root: Path, stage: str) -> str:
     return hashlib.md5(json.dumps(entry, sort_keys=True).encode()).hexdigest() if entry else ""
 
 
-def worth_retrying(task, task_run, state) -> bool:
-    """Retry a failed stage (a flaky disk, a killed worker), but not one that exited 2: bad input stays bad."""
-    exc = state.result(raise_on_failure=False)
+def bad_input(exc: BaseException | None) -> bool:
+    """Whether DVC's error says the stage command exited 2: bad input, already reported in one line."""
     while isinstance(exc, BaseException):
         if "exited with 2" in str(exc):
-            return False
+            return True
         exc = exc.__cause__
-    return True
+    return False
+
+
+def worth_retrying(task, task_run, state) -> bool:
+    """Retry a failed stage (a flaky disk, a killed worker), but not one that exited 2: bad input stays bad."""
+    return not bad_input(state.result(raise_on_failure=False))
+
+
+def save_uncached(root: Path, stage: str) -> Path:
+    """Copies of the stage's outputs that DVC does not cache (metrics, plots): DVC deletes every output before
+    it runs the command, and only the cached ones can come back from the cache."""
+    import shutil
+    import tempfile
+
+    from dvc.repo import Repo
+
+    saved = Path(tempfile.mkdtemp(prefix=f"lmforge-{stage}-outs-"))
+    with chdir(root), Repo(".") as repo:
+        outs = [o.def_path for st in repo.index.stages if getattr(st, "name", None) == stage for o in st.outs
+                if not o.use_cache]
+    for rel in outs:
+        if (root / rel).is_file():
+            (saved / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / rel, saved / rel)
+    return saved
+
+
+def restore_outputs(root: Path, stage: str, saved: Path) -> str:
+    """After a failed or killed stage: its last good outputs back in the workspace (cached ones from the DVC
+    cache as dvc.lock records them, the others from `saved`). Returns what stands now, for the summary."""
+    import shutil
+
+    from dvc.repo import Repo
+
+    try:
+        with chdir(root), Repo(".") as repo:
+            repo.checkout(targets=[stage], force=True)
+        what = f"the previous outputs of {stage} stand (restored from the DVC cache)"
+    except Exception as err:  # noqa: BLE001 - never run to completion before, or a cache without them
+        what = f"{stage} has no previous outputs to restore ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+    for file in (p for p in saved.rglob("*") if p.is_file()):
+        target = root / file.relative_to(saved)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(file, target)
+    shutil.rmtree(saved, ignore_errors=True)
+    return what
 
 
 @task(name="dvc-repro", retries=1, retry_delay_seconds=5, retry_condition_fn=worth_retrying, task_run_name="{stage}")
@@ -129,6 +176,13 @@ def repro(root: str, stage: str) -> dict:
                 logger.info("%s: waiting for another DVC command in this project (it holds .dvc/tmp/lock)", stage)
                 told = True
             time.sleep(1)
+        except Exception as err:
+            if not bad_input(err):
+                raise  # a crash: retried, and its traceback is worth reading
+            # bad input: the stage printed its one `error:` line; a traceback here would only bury it
+            logger.info("%s: stopped on bad input (exit code 2, not retried)", stage)
+            return {"stage": stage, "ran": False, "seconds": round(time.perf_counter() - start, 2),
+                    "failed": "bad input"}
     seconds = round(time.perf_counter() - start, 2)
     logger.info("%s: %s in %.1fs", stage, "ran" if ran else "skipped (unchanged)", seconds)
     return {"stage": stage, "ran": ran, "seconds": seconds}
@@ -151,7 +205,8 @@ def summary(root: Path, results: list[dict], preset: str | None, run_id: str | N
             for k in HEADLINES.get(r["stage"], [])
             if (v := _dig(metrics, k)) is not None
         )
-        lines.append(f"| {r['stage']} | {'ran' if r['ran'] else 'skipped'} | {r['seconds']:.1f} | {heads} |")
+        status = f"**failed** ({r['failed']})" if r.get("failed") else "ran" if r["ran"] else "skipped"
+        lines.append(f"| {r['stage']} | {status} | {r['seconds']:.1f} | {heads} |")
     return "\n".join(lines) + "\n"
 
 
@@ -183,10 +238,21 @@ def stale(root: str, order: list[str]) -> list[str]:
         return sorted(repo.status(targets=order))
 
 
+class StageFailed(Exception):
+    """A stage failed and its last good outputs were put back; `summary_md` says which and what stands."""
+
+    def __init__(self, message: str, results: list[dict], summary_md: Path, bad_input: bool):
+        super().__init__(message)
+        self.results, self.summary_md, self.bad_input = results, summary_md, bad_input
+
+
 def run_stages(path: Path, order: list[str], preset: str | None, experiment: str,
                register_models: bool = False) -> tuple[list[dict], Path, Path]:
     """Reproduce each stage in order under one MLflow parent run; register the models when asked and the
-    evaluation is new; write the summary and the report card. Returns the results and the two paths."""
+    evaluation is new; write the summary and the report card. Returns the results and the two paths.
+    A stage that fails or is interrupted gets its last good outputs back (StageFailed, or the interrupt)."""
+    import shutil
+
     os.environ[tracking.ROOT_ENV] = str(path)  # the flow and its stages share one MLflow store
     # Stage commands say `python`: make it this interpreter, whatever PATH the scheduler gave us.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -194,12 +260,24 @@ def run_stages(path: Path, order: list[str], preset: str | None, experiment: str
     report.preload()  # matplotlib's import (~2 s) happens while the first stage runs, not after the last
     with tracking.flow_run("lifecycle", experiment, {"preset": preset or "", "stages": ",".join(order)}) as parent:
         for stage in order:
+            saved = save_uncached(path, stage)
             try:
                 result = repro(str(path), stage)
-            except BaseException:
+            except BaseException as err:
+                result = {"stage": stage, "ran": False, "seconds": 0.0, "failed": type(err).__name__, "error": err}
+            if result.get("failed"):
                 tracking.nest_stage_runs(parent, stage)  # the failed attempts' runs, marked FAILED
                 parent.set_tags({"lmforge.failed_stage": stage})  # the parent run ends FAILED too
-                raise
+                stands = restore_outputs(path, stage, saved)
+                err = result.pop("error", None)
+                results.append(result)
+                if err is not None and not isinstance(err, Exception):
+                    raise err  # interrupted (Ctrl-C, a cancelled run): outputs back, then stop as asked
+                why = "stopped on bad input (its error: line is above)" if err is None else \
+                    f"failed ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
+                message = f"stage {stage} {why}; {stands}"
+                raise StageFailed(message, results, write_summary(path, results, preset, None, message), err is None)
+            shutil.rmtree(saved, ignore_errors=True)
             results.append(result)
             parent.log_metrics({f"{stage}.seconds": result["seconds"], f"{stage}.ran": float(result["ran"])})
             if result["ran"]:
@@ -221,7 +299,8 @@ def write_summary(path: Path, results: list[dict], preset: str | None, run_id: s
     """out/summary.md: what this flow run ran and skipped (and `note`: the registry's decision)."""
     (path / "out").mkdir(exist_ok=True)
     summary_md = path / "out" / "summary.md"
-    summary_md.write_text(summary(path, results, preset, run_id) + (f"\n{note}\n" if note else ""))
+    # redacted: the note may quote an error, the summary becomes a Prefect artifact and an MLflow one
+    summary_md.write_text(tracking.redact(summary(path, results, preset, run_id) + (f"\n{note}\n" if note else "")))
     return summary_md
 
 
@@ -240,18 +319,29 @@ def lifecycle(preset: str | None = None, stages: list[str] | None = None, experi
     that DVC remote at the end of a successful run."""
     logger = get_run_logger()
     path = Path(root).resolve()
+    # Bad input and failed stages end the run Failed with one line, not an exception: Prefect would print
+    # its traceback ahead of the stage's own `error:` line
     with project_lock(path):  # one flow run per project at a time (re-entrant: the CLI may hold it already)
-        if preset:
-            apply_preset(preset, path / "params.yaml", path / "configs")
-            logger.info("applied preset %s to params.yaml", preset)
-        if likely_stale(path):  # a hint, never a decision: MLflow connects meanwhile, DVC decides what runs
-            tracking.prewarm(path, experiment)
         try:
+            if preset:
+                apply_preset(preset, path / "params.yaml", path / "configs")
+                logger.info("applied preset %s to params.yaml", preset)
+            if likely_stale(path):  # a hint, never a decision: MLflow connects meanwhile, DVC decides what runs
+                tracking.prewarm(path, experiment)
             load_params(path / "params.yaml")  # every section valid before any stage starts
             order = plan(path, stages)
             todo = stale(str(path), order)
             if todo:
                 results, summary_md, card = run_stages(path, order, preset, experiment, register_models)
+        except ConfigError as err:
+            logger.error("error: %s", tracking.redact(str(err)))
+            return Failed(message=tracking.redact(f"error: {err}"))
+        except StageFailed as err:
+            logger.error("%s", tracking.redact(str(err)))
+            card = report.card_path(path)
+            create_markdown_artifact(err.summary_md.read_text() + ("\n" + card.read_text() if card.exists() else ""),
+                                     key="lifecycle-report", description="the failed stage, and what stands")
+            return Failed(message=tracking.redact(str(err)))
         finally:
             tracking.discard_prewarmed()  # nothing ran, or the flow failed before its run began
         if not todo:  # nothing to rebuild, so nothing to track: no MLflow run, no stage tasks
@@ -297,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, Busy) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except FailedRun as err:  # the flow ended Failed: one line (a stage's own error: line came before it)
+        text = str(err)
+        print(text if text.startswith("error:") else f"lifecycle: {text}", file=sys.stderr)
+        return 2 if text.startswith("error:") or "bad input" in text else 1
     return 0
 
 

@@ -159,34 +159,45 @@ class PretrainConfig(_Section):
         "the size knobs below are then ignored"
     )
     allow_network: bool = F(False, "let init_from download from the Hugging Face hub; off: local folders and cache only")
-    hidden_size: int = F(256, "model width")
-    num_layers: int = F(4, "decoder layers")
-    num_heads: int = F(4, "attention heads")
-    num_kv_heads: int = F(4, "key/value heads (fewer than num_heads = grouped-query attention)")
-    intermediate_size: int = F(704, "MLP width (SwiGLU); multiples of 64 let every layer take 4-bit CPU kernels")
-    seq_len: int = F(128, "tokens per packed training sequence (also the context length)")
-    rope_theta: float = F(10000.0, "RoPE base frequency")
+    allow_pickle: bool = F(False, "let init_from load pickle weights (.bin, .pt), which can run code when loaded; off: safetensors only")
+    trust_remote_code: bool = F(False, "let init_from run the Python code its config names (auto_map); off: such a model is refused")
+    hidden_size: int = F(256, "model width", gt=0)
+    num_layers: int = F(4, "decoder layers", gt=0)
+    num_heads: int = F(4, "attention heads", gt=0)
+    num_kv_heads: int = F(4, "key/value heads (fewer than num_heads = grouped-query attention)", gt=0)
+    intermediate_size: int = F(704, "MLP width (SwiGLU); multiples of 64 let every layer take 4-bit CPU kernels", gt=0)
+    seq_len: int = F(128, "tokens per packed training sequence (also the context length)", gt=0)
+    rope_theta: float = F(10000.0, "RoPE base frequency", gt=0)
     tie_embeddings: bool = F(True, "share input embedding and output head weights")
-    batch_size: int = F(16, "sequences per micro-batch")
-    grad_accum: int = F(1, "micro-batches per optimizer step")
-    max_steps: int = F(220, "optimizer steps")
-    lr: float = F(3e-3, "peak learning rate")
-    min_lr_ratio: float = F(0.1, "cosine decays to lr * min_lr_ratio")
-    warmup_steps: int = F(30, "linear warm-up steps")
-    weight_decay: float = F(0.1, "AdamW weight decay (not applied to norms and biases)")
-    beta1: float = F(0.9, "AdamW beta1")
-    beta2: float = F(0.95, "AdamW beta2")
-    grad_clip: float = F(1.0, "clip the global gradient norm to this; 0 disables")
-    eval_every: int = F(50, "steps between held-out evaluations")
-    eval_batches: int = F(2, "batches per held-out evaluation, per source")
-    log_every: int = F(10, "steps between logged training metrics")
-    checkpoint_every: int = F(100, "steps between checkpoints (resume picks up the last one)")
+    batch_size: int = F(16, "sequences per micro-batch", gt=0)
+    grad_accum: int = F(1, "micro-batches per optimizer step", gt=0)
+    max_steps: int = F(220, "optimizer steps", gt=0)
+    lr: float = F(3e-3, "peak learning rate", gt=0)
+    min_lr_ratio: float = F(0.1, "cosine decays to lr * min_lr_ratio", ge=0, le=1)
+    warmup_steps: int = F(30, "linear warm-up steps", ge=0)
+    weight_decay: float = F(0.1, "AdamW weight decay (not applied to norms and biases)", ge=0)
+    beta1: float = F(0.9, "AdamW beta1", ge=0, lt=1)
+    beta2: float = F(0.95, "AdamW beta2", ge=0, lt=1)
+    grad_clip: float = F(1.0, "clip the global gradient norm to this; 0 disables", ge=0)
+    eval_every: int = F(50, "steps between held-out evaluations", gt=0)
+    eval_batches: int = F(2, "batches per held-out evaluation, per source", gt=0)
+    log_every: int = F(10, "steps between logged training metrics", gt=0)
+    checkpoint_every: int = F(100, "steps between checkpoints (resume picks up the last one)", gt=0)
     device: Literal["auto", "cpu", "cuda"] = F("auto", "auto picks cuda when available")
     dtype: Literal["auto", "fp32", "bf16"] = F("auto", "auto: bf16 autocast on cuda, fp32 on cpu")
     compile: bool = F(False, "torch.compile the model in place (a GPU speed-up; the first steps pay for compiling)")
-    num_threads: int = F(0, "CPU threads for torch; 0 leaves torch's default")
+    num_threads: int = F(0, "CPU threads for torch; 0 leaves torch's default", ge=0)
     sample_prompts: list[str] = F(["def ", "The ", "12 + 7 ="], "prompts for the sample generations saved with the model")
-    sample_tokens: int = F(40, "tokens generated per sample prompt")
+    sample_tokens: int = F(40, "tokens generated per sample prompt", ge=0)
+
+    @model_validator(mode="after")
+    def _shape(self) -> "PretrainConfig":
+        # checked here, not when the model is built: the stage fails before it reads any data
+        if not self.init_from and self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})")
+        if not self.init_from and self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        return self
 
 
 # ----------------------------------------------------------------------------- post-training stages
@@ -207,6 +218,7 @@ class SftConfig(_Section):
     assistant_only_loss: bool = F(True, "loss on assistant tokens only (prompt tokens get label -100)")
     log_every: int = F(10, "steps between logged training metrics", gt=0)
     eval_every: int = F(0, "steps between held-out loss evaluations; 0: only before and after training", ge=0)
+    checkpoint_every: int = F(100, "steps between resumable checkpoints (in --checkpoints; a rerun resumes the last); 0: none", ge=0)
     eval_batch_size: int = F(64, "prompts per batched greedy generation when measuring accuracy", gt=0)
     max_new_tokens: int = F(8, "tokens generated per answer when measuring accuracy", gt=0)
     device: Literal["auto", "cpu", "cuda"] = F("auto", "auto picks cuda when available (bf16 there, fp32 on cpu)")
@@ -484,10 +496,23 @@ def read_yaml(path: str | Path) -> dict:
     """YAML 1.2 (as DVC writes it), so `3e-4` is a float, not a string."""
     from ruamel.yaml import YAML
 
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: no such params file")
-    data = YAML(typ="safe", pure=True).load(path.read_text()) or {}
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such params file" if not path.exists() else f"{path}: not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = YAML(typ="safe", pure=True).load(text)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except YAMLError as err:
+        mark = getattr(err, "problem_mark", None) if isinstance(err, MarkedYAMLError) else None
+        where = f":{mark.line + 1}" if mark is not None else ""
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}{where}: not valid YAML ({what})") from None
+    if data is None:  # an empty file would silently run every stage at its defaults
+        raise ConfigError(f"{path}: empty (write it with `python -m tasks.preset default`)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of stage sections")
     return data

@@ -271,7 +271,7 @@ def evaluate_variant(name: str, model_dir: Path, task_dir: Path, extras, cfg: Ev
     from lm_eval.tasks import TaskManager
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     model = load_causal_lm(model_dir, device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
     common = dict(model=lm, log_samples=cfg.log_samples, bootstrap_iters=0, random_seed=cfg.seed,
@@ -320,7 +320,7 @@ def run(cfg: EvaluateConfig, *, corpus: Path, out: Path, tracker, **variant_dirs
     metrics: dict[str, dict] = {}
     items: dict[str, dict] = {}
     with hub_offline(not cfg.allow_network), tempfile.TemporaryDirectory(prefix="lmforge-tasks-") as tmp:
-        tokenizer = AutoTokenizer.from_pretrained(dirs[cfg.variants[0]])
+        tokenizer = AutoTokenizer.from_pretrained(dirs[cfg.variants[0]], trust_remote_code=False)
         sizes = benchmarks.write_tasks(cfg, corpus, tokenizer, out / "benchmarks", Path(tmp))
         manager, available, skipped = resolve_extra_tasks(cfg) if cfg.extra_tasks else (None, [], {})
         for v in cfg.variants:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -26,15 +27,28 @@ SAMPLES = 20  # test answers kept in samples.jsonl
 
 
 # ------------------------------------------------------------------------------------------- data
-def training_conversations(cfg: SftConfig) -> list[list[dict]]:
-    """Built-in train conversations plus the user's files (validated first, so bad rows fail fast)."""
+def training_conversations(cfg: SftConfig, tokenizer=None, context: int | None = None) -> list[list[dict]]:
+    """Built-in train conversations plus the user's files (validated first, so bad rows fail fast). With a
+    tokenizer, a user row whose prompt leaves no room for its answer within max_length (and the model's
+    `context`) is refused: truncation would cut the whole answer, and the row would teach nothing."""
     convs = []
+    limit = min(cfg.max_length, context or cfg.max_length)
     for path in cfg.data_files:
-        rows = posttrain_data.load_jsonl(path, cfg.data_format)
+        lines: list[int] = []
+        rows = posttrain_data.load_jsonl(path, cfg.data_format, lines)
         found = posttrain_data.detect_kind(rows[0])
         if found not in ("messages", "prompt_completion"):
             raise InputError(f"{path}:1: sft needs messages or prompt_completion rows, this file is {found} data")
-        convs.extend(posttrain_data.to_messages(r) for r in rows)
+        for row, lineno in zip(rows, lines):
+            conv = posttrain_data.to_messages(row)
+            if tokenizer is not None:
+                last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
+                prompt = tokenizer.apply_chat_template(conv[:last], add_generation_prompt=True, tokenize=True,
+                                                       return_dict=True)["input_ids"]
+                if len(prompt) >= limit:
+                    raise InputError(f"{path}:{lineno}: the prompt is {len(prompt)} tokens, so no answer token fits "
+                                     f"in {limit} (max_length, or the model's context)")
+            convs.append(conv)
     convs.extend(r["messages"] for r in posttrain_data.conversations("train", cfg.train_examples, cfg.seed))
     if not convs:
         raise InputError("no training data: train_examples is 0 and data_files is empty")
@@ -94,8 +108,9 @@ def answer_accuracy(model, tokenizer, rows: list[dict], batch_size: int, max_new
 
 # --------------------------------------------------------------------------------------- training
 def make_trainer(cfg: SftConfig, model, tokenizer, train_convs, test_rows, work: Path, device: str,
-                 tracker, history: list[dict], peft_config=None):
-    """An SFTTrainer with lmforge's knobs: no checkpoints, no report_to, loss on assistant tokens."""
+                 tracker, history: list[dict], peft_config=None, checkpoints: bool = False):
+    """An SFTTrainer with lmforge's knobs: no report_to, loss on assistant tokens; with `checkpoints`, the last
+    full checkpoint (model, optimizer, scheduler, RNG, step) every checkpoint_every steps in `work`."""
     from trl import SFTConfig as TrlSftConfig
     from trl import SFTTrainer
 
@@ -120,7 +135,9 @@ def make_trainer(cfg: SftConfig, model, tokenizer, train_convs, test_rows, work:
         logging_first_step=True,
         eval_strategy="steps" if cfg.eval_every else "no",
         eval_steps=cfg.eval_every or None,
-        save_strategy="no",
+        save_strategy="steps" if checkpoints and cfg.checkpoint_every else "no",
+        save_steps=max(cfg.checkpoint_every, 1),
+        save_total_limit=1,
         report_to="none",
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -141,27 +158,64 @@ def make_trainer(cfg: SftConfig, model, tokenizer, train_convs, test_rows, work:
     )
 
 
+def fingerprint(cfg: SftConfig, base: Path, train_convs: list[list[dict]]) -> str:
+    """Identifies a training run: a checkpoint is resumed only by the run (config, base weights, data) that wrote it."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode())
+    for weights in sorted(Path(base).glob("*.safetensors")):
+        with weights.open("rb") as fh:  # the header names every tensor and its offsets; the first MiB samples values
+            h.update(fh.read(1 << 20))
+        h.update(str(weights.stat().st_size).encode())
+    h.update(json.dumps(train_convs, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def resume_point(checkpoints: Path | None, fp: str) -> str | None:
+    """The last checkpoint in `checkpoints` written by this run, or None (a stale folder is cleared)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if checkpoints is None or not checkpoints.is_dir():
+        return None
+    mark = checkpoints / "fingerprint"
+    if not mark.is_file() or mark.read_text() != fp:
+        shutil.rmtree(checkpoints)  # another config, base or data: its checkpoints cannot continue this run
+        return None
+    return get_last_checkpoint(str(checkpoints))
+
+
 def finetune(cfg: SftConfig, model, tokenizer, train_convs: list[list[dict]], out: Path, tracker, device: str,
-             peft_config=None) -> tuple[Any, dict]:
-    """Measure the base, train, measure again. Returns the trainer (its .model is the trained model) and metrics."""
+             peft_config=None, checkpoints: Path | None = None, fp: str = "") -> tuple[Any, dict]:
+    """Measure the base, train, measure again. Returns the trainer (its .model is the trained model) and metrics.
+    With `checkpoints` (a scratch folder, not an output), training resumes from the last checkpoint there that
+    the same run (`fp`, see fingerprint) wrote, and the folder is removed once training is done."""
     test_rows = posttrain_data.conversations("test", cfg.test_examples, cfg.seed)
     if not getattr(model, "is_loaded_in_4bit", False):  # quantized models are placed by device_map already
         model.to(device)
     base_acc, base_answers = answer_accuracy(model, tokenizer, test_rows, cfg.eval_batch_size, cfg.max_new_tokens)
 
     history: list[dict] = []
-    work = out / TRAINER_TMP
-    trainer = make_trainer(cfg, model, tokenizer, train_convs, test_rows, work, device, tracker, history, peft_config)
+    resume = resume_point(checkpoints, fp)
+    work = checkpoints or out / TRAINER_TMP
+    trainer = make_trainer(cfg, model, tokenizer, train_convs, test_rows, work, device, tracker, history, peft_config,
+                           checkpoints=checkpoints is not None)
+    if checkpoints is not None and distributed.is_main():
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        (checkpoints / "fingerprint").write_text(fp)
     base_eval = trainer.evaluate()
     start = time.perf_counter()
-    result = trainer.train()
+    if resume:
+        print(f"{type(cfg).__name__.removesuffix('Config').lower()}: resuming from {resume}", file=sys.stderr)
+    result = trainer.train(resume_from_checkpoint=resume)
     train_time = time.perf_counter() - start
     final_eval = trainer.evaluate()
-    shutil.rmtree(work, ignore_errors=True)
+    if distributed.is_main():
+        shutil.rmtree(work, ignore_errors=True)  # done: a later run starts fresh
 
     final_acc, final_answers = answer_accuracy(trainer.model, tokenizer, test_rows, cfg.eval_batch_size, cfg.max_new_tokens)
     losses = [h["train/loss"] for h in history if "train/loss" in h]
     metrics = {
+        "resumed_from_step": int(Path(resume).name.rsplit("-", 1)[-1]) if resume else 0,
         "train_conversations": len(train_convs),
         "test_conversations": len(test_rows),
         "steps": result.global_step,

@@ -18,7 +18,7 @@ from pathlib import Path
 from tasks import chat, lowbit
 from tasks.config import LoraConfig
 from tasks.finetune import answer_accuracy, finetune, training_conversations
-from tasks.models import load_tokenizer, ready_lowbit, set_generation_defaults
+from tasks.models import context_length, load_tokenizer, ready_lowbit, set_generation_defaults
 from tasks.posttrain_data import conversations
 from tasks.runtime import pick_device
 from tasks.stage import InputError, cli, write_meta
@@ -37,14 +37,15 @@ def load_base(base: Path, cfg: LoraConfig, device: str):
     from transformers import AutoModelForCausalLM
 
     if not cfg.qlora:
-        return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
     why = lowbit.available()
     if why:  # an environment problem, reported like bad input
         raise InputError(f"qlora needs bitsandbytes, which does not import here ({why}); set lora.qlora: false")
     from peft import prepare_model_for_kbit_training
 
     quant = lowbit.bnb_config("nf4", skip=None, compute_dtype="bf16" if device == "cuda" else "fp32")
-    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, device_map={"": device})
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, device_map={"": device},
+                                                 use_safetensors=True, trust_remote_code=False)
     # training runs the 4-bit layers through bitsandbytes' generic path: its packed CPU kernel has no gradient
     ready_lowbit(model, device, training=True)
     # fp32 norms and input grads, so the adapters get gradients through the frozen 4-bit layers
@@ -58,10 +59,10 @@ def run(cfg: LoraConfig, *, base: Path, out: Path, tracker) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, set_seed
 
-    train_convs = training_conversations(cfg)  # validates user data before anything heavy is loaded
+    tokenizer = load_tokenizer(base)  # checks the model folder's files too
+    train_convs = training_conversations(cfg, tokenizer, context_length(base))  # before anything heavy
     device = pick_device(cfg.device, "lora", cfg.num_threads).type
     set_seed(cfg.seed)
-    tokenizer = load_tokenizer(base)
     model = load_base(base, cfg, device)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = sorted(set(cfg.target_modules) - present)
@@ -82,7 +83,8 @@ def run(cfg: LoraConfig, *, base: Path, out: Path, tracker) -> dict:
 
     # Merge into a full-precision base loaded afresh (for QLoRA, never into the 4-bit weights); this also
     # proves the saved adapter loads the way a user would load it.
-    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter_dir)
+    merged = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True, trust_remote_code=False), adapter_dir)
     merged = merged.merge_and_unload().to(device)
     test_rows = conversations("test", cfg.test_examples, cfg.seed)
     merged_acc, _ = answer_accuracy(merged, tokenizer, test_rows, cfg.eval_batch_size, cfg.max_new_tokens)

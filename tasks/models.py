@@ -9,21 +9,72 @@ from tasks import chat, lowbit
 from tasks.stage import InputError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")  # torch.save / pickle: loading may run code
 LOWBIT_LAYERS = ("Linear8bitLt", "Linear4bit")
+NOT_WRITTEN = "NOT_WRITTEN"  # a declared output folder a stage left out on purpose; the file says why
 
 
-def check_model_dir(path: str | Path, what: str) -> Path:
-    """A saved model with its tokenizer, or InputError naming what is missing."""
+def check_model_dir(path: str | Path, what: str, allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
+    """A saved model with its tokenizer and readable safetensors weights, or InputError naming what is wrong."""
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"missing {what}: {path} does not exist (run the stage that produces it first)")
+    if (path / NOT_WRITTEN).is_file():
+        raise InputError(f"{what}: {path} was not written: {(path / NOT_WRITTEN).read_text().strip()}")
     if not (path / "config.json").is_file():
         raise InputError(f"{what}: {path} has no config.json (not a saved model)")
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         raise InputError(f"{what}: {path} has no tokenizer (tokenizer.json) beside the model")
-    if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
-        raise InputError(f"{what}: {path} has no weight files (*.safetensors)")
+    check_weights(path, what, allow_pickle)
+    check_remote_code(path, what, trust_remote_code)
     return path
+
+
+def check_weights(path: Path, what: str, allow_pickle: bool = False) -> None:
+    """Safetensors only (their headers read and checked against the file size): pickle weights can run code
+    when loaded, so a folder with nothing else is refused unless the user opts in."""
+    files = [p for p in path.iterdir() if p.is_file()]
+    safe = [p for p in files if p.suffix == ".safetensors"]
+    pickled = [p for p in files if p.suffix in PICKLE_SUFFIXES]
+    if not safe and not pickled:
+        raise InputError(f"{what}: {path} has no weight files (*.safetensors)")
+    if not safe and not allow_pickle:
+        raise InputError(f"{what}: {path} holds only pickle weights ({', '.join(p.name for p in pickled)}), which can "
+                         "run code when loaded; convert them to safetensors, or set allow_pickle: true if you trust them")
+    from safetensors import safe_open
+
+    for file in safe:
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: the file is unusable either way
+            raise InputError(f"{file}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
+
+
+def check_remote_code(path: Path, what: str, trust: bool = False) -> None:
+    """A config naming its own Python classes (auto_map) needs trust_remote_code: refused unless opted in."""
+    import json
+
+    for name in ("config.json", "tokenizer_config.json"):
+        file = path / name
+        try:
+            data = json.loads(file.read_text()) if file.is_file() else {}
+        except (ValueError, UnicodeDecodeError) as err:
+            raise InputError(f"{file}: not valid JSON ({err})") from None
+        if isinstance(data, dict) and data.get("auto_map") and not trust:
+            raise InputError(f"{what}: {file} needs remote code (auto_map: {', '.join(data['auto_map'])}); "
+                             "lmforge runs no code from model folders unless trust_remote_code: true")
+
+
+def context_length(model_dir: str | Path) -> int | None:
+    """The positions a saved model can attend over (config.json's max_position_embeddings), if it says."""
+    import json
+
+    try:
+        value = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
 
 
 def weight_bytes(model_dir: str | Path) -> int:
@@ -49,6 +100,7 @@ def load_causal_lm(path: str | Path, device, **kwargs):
     from transformers import AutoModelForCausalLM
 
     lowbit.quiet()
+    kwargs.update(use_safetensors=True, trust_remote_code=False)  # lmforge writes safetensors; no code runs
     if device.type == "cuda":  # bnb weights must be placed at load time; .to() is refused for them
         kwargs.setdefault("device_map", {"": device.index or 0})
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -64,11 +116,32 @@ def load_tokenizer(model_dir: str | Path):
     model_dir = Path(model_dir)
     if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         raise InputError(f"{model_dir}: no tokenizer beside the model (tokenizer.json missing)")
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    if (model_dir / "config.json").is_file():  # the stage loads the model next: its weights first, in one line
+        check_weights(model_dir, str(model_dir))
+        check_remote_code(model_dir, str(model_dir))
+    tok = read_tokenizer(model_dir)
     if not tok.chat_template:
         raise InputError(f"{model_dir}: the tokenizer has no chat template (the tokenizer stage sets one)")
     if tok.pad_token is None:
         raise InputError(f"{model_dir}: the tokenizer has no pad token")
+    return tok
+
+
+def read_tokenizer(folder: str | Path, chat_specials: bool = True):
+    """AutoTokenizer of a folder, without remote code; one line when its files are damaged or, with
+    `chat_specials`, when it lacks lmforge's chat tokens (they would be split into ordinary pieces)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001 - a JSON error from Rust, OSError, ValueError: all mean a bad folder
+        name = "tokenizer.json" if (folder / "tokenizer.json").is_file() else "tokenizer files"
+        raise InputError(f"{folder / name}: cannot load the tokenizer ({str(err).splitlines()[0][:200]})") from None
+    missing = [t for t in chat.SPECIAL_TOKENS if t not in tok.get_vocab()] if chat_specials else []
+    if missing:
+        raise InputError(f"{folder}: the tokenizer lacks lmforge's chat token(s) {', '.join(missing)} "
+                         "(make it with the tokenizer stage, or see tokenizer.special_tokens)")
     return tok
 
 

@@ -24,7 +24,7 @@ def load_policy(path: Path):
 
     if not (Path(path) / "config.json").exists():
         raise InputError(f"{path}: not a model folder (no config.json; run the stage that makes the policy)")
-    return AutoModelForCausalLM.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
 
 
 def check_same_tokenizer(tok, policy: Path, reward_model: Path) -> None:

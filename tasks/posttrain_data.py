@@ -215,16 +215,23 @@ def detect_kind(row: dict) -> str:
     raise ValueError('no "messages", "prompt"/"completion" or "chosen"/"rejected" key')
 
 
-def load_jsonl(path: str | Path, kind: str = "auto") -> list[dict]:
-    """Rows of a JSONL file in one TRL format (kind "auto": detected from the first row), all validated."""
+def load_jsonl(path: str | Path, kind: str = "auto", linenos: list[int] | None = None) -> list[dict]:
+    """Rows of a JSONL file in one TRL format (kind "auto": detected from the first row), all validated.
+    `linenos`, when given, receives each row's line number (for later messages about a row)."""
     path = Path(path)
     if kind != "auto" and kind not in KINDS:
         raise ValueError(f"kind must be auto or one of {KINDS}, got {kind!r}")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a data file (name the .jsonl file)")
     if not path.is_file():
         raise InputError(f"{path}: no such data file")
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with path.open("rb") as fh:  # bytes: a line that is not UTF-8 is reported with its number
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise InputError(f"{path}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
             if not line.strip():
                 continue
             try:
@@ -241,6 +248,8 @@ def load_jsonl(path: str | Path, kind: str = "auto") -> list[dict]:
             if (err := _problem(row, kind)) is not None:
                 raise InputError(f"{path}:{lineno}: {err} (format {kind})")
             rows.append(row)
+            if linenos is not None:
+                linenos.append(lineno)
     if not rows:
         raise InputError(f"{path}: no rows")
     return rows

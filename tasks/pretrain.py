@@ -29,21 +29,32 @@ from tasks import chat, distributed
 from tasks.config import PretrainConfig
 from tasks.corpus import source_names
 from tasks.lm import build_model, eval_windows, flops_per_token, lr_at, param_groups, resolve_device, tokenize_split
+from tasks.models import check_weights, read_tokenizer
 from tasks.stage import InputError, cli, write_meta
 from tasks.tracking import Tracker
 
 
 # --------------------------------------------------------------------------------------------- model
 def base_tokenizer(cfg: PretrainConfig):
-    """init_from's tokenizer with lmforge's chat tokens and template, so later stages work unchanged."""
-    from transformers import AutoConfig, AutoTokenizer
+    """init_from's tokenizer with lmforge's chat tokens and template, so later stages work unchanged. Checks
+    first what loading would run: code named by the config (auto_map), pickle weights, damaged safetensors."""
+    from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
+    local, trust = Path(cfg.init_from), cfg.trust_remote_code
+    if local.is_dir():
+        check_weights(local, "pretrain.init_from", cfg.allow_pickle)
     try:
-        config = AutoConfig.from_pretrained(cfg.init_from, local_files_only=not cfg.allow_network)
-        tok = AutoTokenizer.from_pretrained(cfg.init_from, local_files_only=not cfg.allow_network)
+        raw, _ = PretrainedConfig.get_config_dict(cfg.init_from, local_files_only=not cfg.allow_network)
+        if raw.get("auto_map") and not trust:
+            raise InputError(f"pretrain.init_from: {cfg.init_from!r} needs remote code (auto_map: "
+                             f"{', '.join(raw['auto_map'])}); set pretrain.trust_remote_code: true if you trust it")
+        config = AutoConfig.from_pretrained(cfg.init_from, local_files_only=not cfg.allow_network, trust_remote_code=trust)
+        tok = AutoTokenizer.from_pretrained(cfg.init_from, local_files_only=not cfg.allow_network, trust_remote_code=trust)
     except (OSError, ValueError) as err:
+        if isinstance(err, InputError):
+            raise
         hint = "" if cfg.allow_network else " (offline: a local folder or the HF cache; pretrain.allow_network downloads)"
-        raise InputError(f"pretrain.init_from: cannot load {cfg.init_from!r}{hint}: {err}") from None
+        raise InputError(f"pretrain.init_from: cannot load {cfg.init_from!r}{hint}: {str(err).splitlines()[0]}") from None
     if not tok.is_fast:
         raise InputError(f"pretrain.init_from: {cfg.init_from!r} has no fast tokenizer (tokenizer.json)")
     context = getattr(config, "max_position_embeddings", None)
@@ -59,8 +70,13 @@ def load_base(cfg: PretrainConfig, tokenizer):
     """init_from's weights, embeddings grown to the tokenizer, special-token ids set from it."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(cfg.init_from, local_files_only=not cfg.allow_network,
-                                                 dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.init_from, local_files_only=not cfg.allow_network, dtype=torch.float32,
+            use_safetensors=None if cfg.allow_pickle else True, trust_remote_code=cfg.trust_remote_code)
+    except OSError as err:  # a hub model without safetensors weights, when pickle is not allowed
+        raise InputError(f"pretrain.init_from: cannot load the weights of {cfg.init_from!r}: "
+                         f"{str(err).splitlines()[0]} (pretrain.allow_pickle: {str(cfg.allow_pickle).lower()})") from None
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     for holder in (model.config, model.generation_config):
@@ -170,13 +186,11 @@ def run(cfg: PretrainConfig, *, corpus: Path, tokenizer: Path, out: Path, tracke
     """Pretrain a Llama-style model (or continue init_from's) on the mixed corpus."""
     from contextlib import nullcontext
 
-    from transformers import AutoTokenizer
-
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     if cfg.init_from:
         print(f"pretrain: continuing {cfg.init_from} with its own tokenizer ({tokenizer} is not used)", file=sys.stderr)
-    tok = base_tokenizer(cfg) if cfg.init_from else AutoTokenizer.from_pretrained(tokenizer)
+    tok = base_tokenizer(cfg) if cfg.init_from else read_tokenizer(tokenizer)
     device, amp_dtype = resolve_device(cfg)
     distributed.init(device)
     world, rank = distributed.world_size(), distributed.rank()

@@ -83,7 +83,8 @@ def _save_policy(folder: Path, out: Path) -> None:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    components = {"model": AutoModelForCausalLM.from_pretrained(folder), "tokenizer": AutoTokenizer.from_pretrained(folder)}
+    components = {"model": AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, trust_remote_code=False),
+                  "tokenizer": AutoTokenizer.from_pretrained(folder, trust_remote_code=False)}
     # explicit requirements: inferring them would load the model again in a subprocess
     mlflow.transformers.save_model(components, path=str(out), task="llm/v1/chat",
                                    pip_requirements=[f"transformers=={transformers.__version__}",

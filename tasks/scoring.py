@@ -19,7 +19,8 @@ def load_reward_model(path: Path, pad_token_id: int):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "score.weight newly initialised" report is expected here
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, pad_token_id=pad_token_id)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, pad_token_id=pad_token_id,
+                                                                   use_safetensors=True, trust_remote_code=False)
     finally:
         hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = pad_token_id  # where the classifier finds each sequence's last token

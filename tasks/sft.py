@@ -15,24 +15,26 @@ import sys
 from pathlib import Path
 
 from tasks.config import SftConfig
-from tasks.finetune import finetune, training_conversations
-from tasks.models import load_tokenizer, set_generation_defaults
+from tasks.finetune import fingerprint, finetune, training_conversations
+from tasks.models import context_length, load_tokenizer, set_generation_defaults
 from tasks.runtime import pick_device
 from tasks.stage import cli, write_meta
 
 
 # ------------------------------------------------------------------------------------------ stage
-def run(cfg: SftConfig, *, base: Path, out: Path, tracker) -> dict:
+def run(cfg: SftConfig, *, base: Path, out: Path, tracker, checkpoints: Path | None = None) -> dict:
     """Full supervised fine-tuning of a pretrained model on chat conversations."""
     import torch
     from transformers import AutoModelForCausalLM, set_seed
 
-    train_convs = training_conversations(cfg)  # validates user data before anything heavy is loaded
+    tokenizer = load_tokenizer(base)  # checks the model folder's files too
+    train_convs = training_conversations(cfg, tokenizer, context_length(base))  # before anything heavy
     device = pick_device(cfg.device, "sft", cfg.num_threads).type
     set_seed(cfg.seed)
-    tokenizer = load_tokenizer(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    trainer, metrics = finetune(cfg, model, tokenizer, train_convs, out, tracker, device)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=False)
+    trainer, metrics = finetune(cfg, model, tokenizer, train_convs, out, tracker, device, checkpoints=checkpoints,
+                                fp=fingerprint(cfg, base, train_convs))
     metrics["params"] = sum(p.numel() for p in model.parameters())
 
     model_dir = out / "model"
@@ -44,7 +46,8 @@ def run(cfg: SftConfig, *, base: Path, out: Path, tracker) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli("sft", run, inputs=("base",), argv=argv)
+    return cli("sft", run, inputs=("base",), argv=argv, options={
+        "checkpoints": {"type": Path, "default": None, "help": "scratch folder for resumable checkpoints (not an output)"}})
 
 
 if __name__ == "__main__":

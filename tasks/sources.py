@@ -203,9 +203,12 @@ def _jsonl_rows(path: Path, field: str) -> Iterator[str]:
 
 def _txt(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise InputError(f"{path}: not valid UTF-8 ({err})") from None
+    if "\x00" in text:  # valid UTF-8 can still be an image or an archive; text files hold no NUL bytes
+        raise InputError(f"{path}: a binary file (it holds NUL bytes), not text")
+    return text
 
 
 def _parquet_file(path: Path, field: str):

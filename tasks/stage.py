@@ -62,10 +62,10 @@ def versions() -> dict[str, str]:
 
 def write_meta(directory: str | Path, stage: str, cfg: BaseModel, metrics: Mapping[str, Any] | None = None,
                inputs: Mapping[str, str | Path] | None = None, **extra: Any) -> None:
-    """The resolved config and metadata beside an artifact (nanochat-style meta file)."""
+    """The resolved config and metadata beside an artifact (nanochat-style meta file), credentials masked."""
     write_json(
         Path(directory) / META_FILE,
-        {
+        tracking.redact({
             "stage": stage,
             "config": cfg.model_dump(),
             "metrics": dict(metrics or {}),
@@ -74,7 +74,7 @@ def write_meta(directory: str | Path, stage: str, cfg: BaseModel, metrics: Mappi
             "git_commit": tracking.git_commit(),
             "versions": versions(),
             **extra,
-        },
+        }),
     )
 
 
@@ -116,9 +116,17 @@ def execute(stage: str, fn: Callable[..., dict], cfg: BaseModel, out: Path, inpu
             return _call(fn, cfg, Path(scratch), inputs, extra, tracking.NullTracker(), time.perf_counter())
     out = Path(out)
     staging = out.parent / f".{out.name}.staging"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    try:  # a read-only or missing disk is found now, not after hours of training
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        if out.is_dir():  # publishing moves entries into it (a new one is made beside the staging folder)
+            probe = out / f".lmforge-probe-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise InputError(f"cannot write the output folder {out}: {err.strerror or err}") from None
     start = time.perf_counter()
     try:
         if tracker is None:
@@ -134,7 +142,7 @@ def execute(stage: str, fn: Callable[..., dict], cfg: BaseModel, out: Path, inpu
 
 
 def _call(fn, cfg, staging, inputs, extra, tracker, start) -> dict:
-    metrics = dict(fn(cfg, out=staging, tracker=tracker, **inputs, **(extra or {})) or {})
+    metrics = tracking.redact(dict(fn(cfg, out=staging, tracker=tracker, **inputs, **(extra or {})) or {}))
     metrics["wall_time_s"] = round(time.perf_counter() - start, 2)
     tracker.log_metrics(metrics)
     write_json(staging / "metrics.json", metrics)
@@ -167,9 +175,9 @@ def cli(stage: str, fn: Callable[..., dict], inputs: Iterable[str] = (), argv: l
                     require(path, name.replace("_", " "))
                 return distributed.launch(stage, list(sys.argv[1:] if argv is None else argv), launch, out)
         metrics = execute(stage, fn, cfg, out, paths, extra=args)
-    except (ConfigError, InputError) as err:
+    except (ConfigError, InputError, tracking.Unreachable) as err:
         if distributed.is_main():
-            print(f"error: {stage}: {err}", file=sys.stderr)
+            print(tracking.redact(f"error: {stage}: {err}"), file=sys.stderr)
         distributed.report_status(2)
         return 2
     if distributed.is_main():

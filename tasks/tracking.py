@@ -16,6 +16,7 @@ import json
 import math
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,10 @@ EXPERIMENT_ENV = "LMFORGE_EXPERIMENT"
 SWITCH_ENV = "LMFORGE_TRACKING"  # "off" disables tracking
 ROOT_ENV = "LMFORGE_ROOT"  # project folder holding the default store; the flow sets it for its stages
 DEFAULT_EXPERIMENT = "lmforge"
+
+
+class Unreachable(ValueError):
+    """MLFLOW_TRACKING_URI names a server that does not answer: one line before the stage starts its work."""
 
 
 class Tracker(Protocol):
@@ -61,6 +66,35 @@ class NullTracker:
         pass
 
 
+# ------------------------------------------------------------------------------------------ secrets
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.I)
+USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^\s/@:]*:[^\s/@]*@")
+
+
+def _secrets() -> list[str]:
+    """Values to mask: environment variables named like secrets, and passwords inside URIs in the environment.
+    Short values (a flag like "1") are left alone: masking them would garble every number."""
+    found = {v for k, v in os.environ.items() if SECRET_NAME.search(k)}
+    for value in os.environ.values():
+        found |= {m.group(0).split("://", 1)[1].rsplit("@", 1)[0].split(":", 1)[1] for m in USERINFO.finditer(value)}
+    return sorted((v for v in found if len(v) >= 6), key=len, reverse=True)
+
+
+def redact(value: Any) -> Any:
+    """`value` (a string, or mappings and lists of them) with credentials masked as ***: the user:password of
+    URIs and the values of secret environment variables. Applied to all that lmforge writes or logs."""
+    if isinstance(value, str):
+        text = USERINFO.sub(r"\g<scheme>***@", value)
+        for secret in _secrets():
+            text = text.replace(secret, "***")
+        return text
+    if isinstance(value, Mapping):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value
+
+
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested config -> dotted keys, lists of mappings indexed (sources.0.name)."""
     out: dict[str, Any] = {}
@@ -83,7 +117,7 @@ class MlflowTracker:
     def log_params(self, params):
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        items = [Param(k, redact(str(v))[:6000]) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -114,7 +148,7 @@ class MlflowTracker:
 
     def set_tags(self, tags):
         for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+            self.client.set_tag(self.run_id, k, redact(str(v)))
 
     def _terminate(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)
@@ -171,7 +205,7 @@ class JournalTracker:
         self._write("start", name=name, tags={k: str(v) for k, v in tags.items()}, time=int(time.time() * 1000))
 
     def _write(self, op: str, **fields) -> None:
-        self._fh.write(json.dumps({"op": op, **fields}, default=str) + "\n")
+        self._fh.write(json.dumps(redact({"op": op, **fields}), default=str) + "\n")
         self._fh.flush()
 
     def log_params(self, params):
@@ -239,7 +273,7 @@ class BackgroundTracker:
 
     def _raise(self) -> None:
         if self._error is not None:
-            raise RuntimeError(f"MLflow tracking ({tracking_uri()}) failed: {self._error}") from self._error
+            raise RuntimeError(redact(f"MLflow tracking ({tracking_uri()}) failed: {self._error}")) from self._error
 
     def _call(self, method: str, *args, wait: bool = False) -> None:
         done = threading.Event() if wait else None
@@ -303,11 +337,11 @@ class ProcessTracker:
         if not answer:
             self._log.seek(0)
             tail = " | ".join(self._log.read().strip().splitlines()[-3:])
-            raise RuntimeError(f"MLflow tracking ({tracking_uri()}) failed: its process exited "
-                               f"({self._proc.poll()}): {tail or 'no message'}")
+            raise RuntimeError(redact(f"MLflow tracking ({tracking_uri()}) failed: its process exited "
+                                      f"({self._proc.poll()}): {tail or 'no message'}"))
         reply = json.loads(answer)
         if "error" in reply:
-            raise RuntimeError(f"MLflow tracking ({tracking_uri()}) failed: {reply['error']}")
+            raise RuntimeError(redact(f"MLflow tracking ({tracking_uri()}) failed: {reply['error']}"))
         return reply.get("value")
 
     def start(self, name: str, tags: Mapping[str, str]) -> "ProcessTracker":
@@ -373,7 +407,7 @@ def _serve() -> None:
                     client = _client()
                     experiment_id = _experiment_id(client, args[0])
                 elif op == "start":
-                    tags = {"lmforge.git_commit": git_commit(project_root()), **args[1]}
+                    tags = redact({"lmforge.git_commit": git_commit(project_root()), **args[1]})
                     run = client.create_run(experiment_id, run_name=args[0], tags=tags)
                     tracker = MlflowTracker(client, run.info.run_id, experiment_id)
                 elif op == "run_id":
@@ -399,6 +433,24 @@ def project_root() -> Path:
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """A TCP connection to an http(s) tracking server, or Unreachable. MLflow's own client retries a refused
+    connection with back-off for minutes before it gives up with a traceback."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    try:
+        address = (parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+        socket.create_connection(address, timeout=timeout_s).close()
+    except (OSError, ValueError) as err:
+        why = getattr(err, "strerror", None) or str(err) or type(err).__name__
+        raise Unreachable(f"MLFLOW_TRACKING_URI {redact(uri)} is unreachable ({why}): start the server, fix the URI, "
+                          f"or set {SWITCH_ENV}=off to run without tracking") from None
 
 
 def _client():
@@ -433,7 +485,7 @@ def _connect(name: str, tags: Mapping[str, str], parent: str | None, experiment:
     all_tags = {"lmforge.git_commit": git_commit(project_root()), **tags}
     if parent:
         all_tags["mlflow.parentRunId"] = parent
-    run = client.create_run(exp_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()})
+    run = client.create_run(exp_id, run_name=name, tags={k: redact(str(v)) for k, v in all_tags.items()})
     return MlflowTracker(client, run.info.run_id, exp_id)
 
 
@@ -466,6 +518,8 @@ def stage_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | N
         return
     tags = {"lmforge.stage": stage, **(tags or {})}
     journal = os.environ.get(JOURNAL_ENV)
+    if not journal:
+        check_reachable(tracking_uri())
     if journal:
         tracker = JournalTracker(Path(journal), stage, {"lmforge.git_commit": git_commit(project_root()), **tags})
         context = _closing(tracker)

@@ -81,7 +81,7 @@ def test_a_checkpoint_holding_code_is_refused_unloaded(tmp_path, tiny_corpus, ti
 
 
 def test_bad_shape_is_a_clear_error(tmp_path, tiny_corpus, tiny_tokenizer_dir):
-    with pytest.raises(InputError, match="hidden_size .* num_heads"):
+    with pytest.raises(ValueError, match="hidden_size .* num_heads"):  # the config refuses it, before any work
         execute("pretrain", pretrain.run, cfg(hidden_size=30, num_heads=4), tmp_path / "out",
                 {"corpus": tiny_corpus, "tokenizer": tiny_tokenizer_dir}, tracker=NullTracker())
     assert not (tmp_path / "out").exists()

@@ -1,0 +1,78 @@
+"""A stage that fails under the flow: one `error:` line and no traceback, and its last good outputs back in the
+workspace (DVC deletes them before it runs the command), with the summary saying so. A real git + DVC project
+and the real flow CLI (its own Prefect server), on one cheap stage: mix over a small local text source."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import commit_project
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+
+ENV = {**os.environ, "LMFORGE_TRACKING": "off", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def _sh(cwd: Path, *cmd: str) -> str:
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=ENV)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}"
+    return out.stdout
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def _params(notes: str) -> str:
+    from tasks.preset import resolve
+
+    data = {name: cfg.model_dump() for name, cfg in resolve("tiny", ROOT / "configs").items()}
+    data["mix"]["sources"] = [{"name": "notes", "kind": "files", "path": notes}]
+    return json.dumps(data, indent=1)  # JSON is YAML
+
+
+@pytest.fixture()
+def project(tmp_path) -> Path:
+    root = tmp_path / "project"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("tasks", "flows", "configs"):
+        shutil.copytree(ROOT / folder, root / folder, ignore=ignore)
+    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+    notes = root / "notes"
+    notes.mkdir()
+    for i in range(30):
+        (notes / f"note{i}.txt").write_text(f"Note {i}: the build reads the manifest and writes a report. " * (3 + i % 5))
+    (root / "params.yaml").write_text(_params("notes"))
+    return commit_project(root, _sh)
+
+
+def test_a_failed_stage_says_so_in_one_line_and_its_previous_outputs_stand(project, tmp_path):
+    env = {**ENV, "PREFECT_HOME": str(tmp_path / "prefect")}  # its own Prefect database
+    _sh(project, sys.executable, "-m", "dvc", "repro", "mix")  # the last good outputs
+    corpus, metrics = _digest(project / "out/mix/corpus"), (project / "out/mix/metrics.json").read_text()
+    assert corpus and json.loads(metrics)
+
+    (project / "params.yaml").write_text(_params("notes/missing.txt"))
+    out = subprocess.run([sys.executable, "-m", "flows.lifecycle", "--root", str(project), "--stages", "mix"],
+                         cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2, text
+    assert len(errors) == 1 and "notes/missing.txt does not exist" in errors[0], text
+    assert "Traceback" not in text
+    assert _digest(project / "out/mix/corpus") == corpus  # restored from the DVC cache
+    assert (project / "out/mix/metrics.json").read_text() == metrics  # uncached: kept aside, put back
+    summary = (project / "out/summary.md").read_text()
+    assert "| mix | **failed** (bad input)" in summary
+    assert "the previous outputs of mix stand (restored from the DVC cache)" in summary
+    assert "lifecycle: stage mix stopped on bad input" in out.stderr
