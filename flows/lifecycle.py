@@ -377,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # the project lock before Prefect starts: a queued run starts no engine and no ephemeral server
         with project_lock(root, wait=not args.no_wait):
+            if not args.preset:  # bad params: one line now, before Prefect starts a server only to report it
+                load_params(root / "params.yaml")
             if args.preset or likely_stale(root):  # before Prefect's engine starts: a second more to connect in
                 tracking.prewarm(root, args.experiment)
             lifecycle(**params)

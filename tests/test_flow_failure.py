@@ -100,3 +100,15 @@ def test_a_dvc_run_killed_with_sigkill_leaves_no_lock_that_blocks_the_next(proje
     (project / "go").touch()
     _sh(project, sys.executable, "-m", "dvc", "repro", "hang")  # ...and blocks nothing: the same stage runs again
     assert (project / "out/hang").is_dir()
+
+
+@pytest.mark.parametrize("text, message", [("pretrain:\n  lr: [0.1, 2\n  seed: 1\n", "params.yaml:3: not valid YAML"),
+                                           ("", "params.yaml: empty"),
+                                           ("pretrain:\n  lr: -1.0\n", "pretrain.lr: Input should be greater than 0")])
+def test_the_flow_cli_reports_bad_params_in_one_line_before_prefect_starts(tmp_path, text, message):
+    (tmp_path / "params.yaml").write_text(text)
+    out = subprocess.run([sys.executable, "-m", "flows.lifecycle", "--root", str(tmp_path)], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
