@@ -31,6 +31,7 @@ from flows.lock import Busy, project_lock
 from tasks import registry, tracking
 from tasks.config import STAGES, ConfigError, load_params, read_yaml
 from tasks.preset import apply as apply_preset
+from tasks.preset import resolve as resolve_preset
 
 # Headline figures per stage for the run summary (the report card has the rest).
 HEADLINES = {
@@ -377,8 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # the project lock before Prefect starts: a queued run starts no engine and no ephemeral server
         with project_lock(root, wait=not args.no_wait):
-            if not args.preset:  # bad params: one line now, before Prefect starts a server only to report it
-                load_params(root / "params.yaml")
+            # bad params or preset: one line now, before Prefect starts a server only to report it
+            resolve_preset(args.preset, root / "configs") if args.preset else load_params(root / "params.yaml")
             if args.preset or likely_stale(root):  # before Prefect's engine starts: a second more to connect in
                 tracking.prewarm(root, args.experiment)
             lifecycle(**params)

@@ -104,10 +104,12 @@ def test_a_dvc_run_killed_with_sigkill_leaves_no_lock_that_blocks_the_next(proje
 
 @pytest.mark.parametrize("text, message", [("pretrain:\n  lr: [0.1, 2\n  seed: 1\n", "params.yaml:3: not valid YAML"),
                                            ("", "params.yaml: empty"),
-                                           ("pretrain:\n  lr: -1.0\n", "pretrain.lr: Input should be greater than 0")])
+                                           ("pretrain:\n  lr: -1.0\n", "pretrain.lr: Input should be greater than 0"),
+                                           (None, "unknown preset 'nope'")])
 def test_the_flow_cli_reports_bad_params_in_one_line_before_prefect_starts(tmp_path, text, message):
-    (tmp_path / "params.yaml").write_text(text)
-    out = subprocess.run([sys.executable, "-m", "flows.lifecycle", "--root", str(tmp_path)], cwd=ROOT, env=ENV,
+    (tmp_path / "params.yaml").write_text(text or "")
+    preset = ["--preset", "nope"] if text is None else []
+    out = subprocess.run([sys.executable, "-m", "flows.lifecycle", "--root", str(tmp_path), *preset], cwd=ROOT, env=ENV,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     lines = (out.stdout + out.stderr).strip().splitlines()
