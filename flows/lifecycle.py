@@ -29,8 +29,9 @@ from prefect.states import Failed
 from flows import report
 from flows.lock import Busy, project_lock
 from tasks import registry, tracking
-from tasks.config import STAGES, ConfigError, load_params
+from tasks.config import STAGES, ConfigError, load_params, read_yaml
 from tasks.preset import apply as apply_preset
+from tasks.preset import resolve as resolve_preset
 
 # Headline figures per stage for the run summary (the report card has the rest).
 HEADLINES = {
@@ -121,12 +122,10 @@ def save_uncached(root: Path, stage: str) -> Path:
     import shutil
     import tempfile
 
-    from dvc.repo import Repo
-
     saved = Path(tempfile.mkdtemp(prefix=f"lmforge-{stage}-outs-"))
-    with chdir(root), Repo(".") as repo:
-        outs = [o.def_path for st in repo.index.stages if getattr(st, "name", None) == stage for o in st.outs
-                if not o.use_cache]
+    spec = read_yaml(root / "dvc.yaml").get("stages", {}).get(stage, {})  # plain YAML: no DVC repo opened per stage
+    outs = [path for kind in ("outs", "metrics", "plots") for item in spec.get(kind) or [] if isinstance(item, dict)
+            for path, opts in item.items() if isinstance(opts, dict) and opts.get("cache") is False]
     for rel in outs:
         if (root / rel).is_file():
             (saved / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -381,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # the project lock before Prefect starts: a queued run starts no engine and no ephemeral server
         with project_lock(root, wait=not args.no_wait):
+            # bad params or preset: one line now, before Prefect starts a server only to report it
+            resolve_preset(args.preset, root / "configs") if args.preset else load_params(root / "params.yaml")
             if args.preset or likely_stale(root):  # before Prefect's engine starts: a second more to connect in
                 tracking.prewarm(root, args.experiment)
             lifecycle(**params)

@@ -179,7 +179,8 @@ def resume_point(checkpoints: Path | None, fp: str) -> str | None:
         return None
     mark = checkpoints / "fingerprint"
     if not mark.is_file() or mark.read_text() != fp:
-        shutil.rmtree(checkpoints)  # another config, base or data: its checkpoints cannot continue this run
+        if distributed.is_main():  # another config, base or data: its checkpoints cannot continue this run
+            shutil.rmtree(checkpoints)
         return None
     return get_last_checkpoint(str(checkpoints))
 

@@ -14,7 +14,7 @@ LOWBIT_LAYERS = ("Linear8bitLt", "Linear4bit")
 NOT_WRITTEN = "NOT_WRITTEN"  # a declared output folder a stage left out on purpose; the file says why
 
 
-def check_model_dir(path: str | Path, what: str, allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
+def check_model_dir(path: str | Path, what: str) -> Path:
     """A saved model with its tokenizer and readable safetensors weights, or InputError naming what is wrong."""
     path = Path(path)
     if not path.is_dir():
@@ -25,8 +25,8 @@ def check_model_dir(path: str | Path, what: str, allow_pickle: bool = False, tru
         raise InputError(f"{what}: {path} has no config.json (not a saved model)")
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         raise InputError(f"{what}: {path} has no tokenizer (tokenizer.json) beside the model")
-    check_weights(path, what, allow_pickle)
-    check_remote_code(path, what, trust_remote_code)
+    check_weights(path, what)  # folders between stages: lmforge wrote them, as safetensors with no remote code
+    check_remote_code(path, what)
     return path
 
 

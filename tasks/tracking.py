@@ -67,7 +67,8 @@ class NullTracker:
 
 
 # ------------------------------------------------------------------------------------------ secrets
-SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.I)
+# HF_TOKEN, GITHUB_TOKEN, AWS_SECRET_ACCESS_KEY, PGPASSWORD, OPENAI_API_KEY...; not TOKENIZERS_PARALLELISM
+SECRET_NAME = re.compile(r"(?<![A-Z])TOKEN(?![A-Z])|SECRET|PASSW|API_?KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.I)
 USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^\s/@:]*:[^\s/@]*@")
 
 

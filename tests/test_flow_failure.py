@@ -76,3 +76,41 @@ def test_a_failed_stage_says_so_in_one_line_and_its_previous_outputs_stand(proje
     assert "| mix | **failed** (bad input)" in summary
     assert "the previous outputs of mix stand (restored from the DVC cache)" in summary
     assert "lifecycle: stage mix stopped on bad input" in out.stderr
+
+
+def test_a_dvc_run_killed_with_sigkill_leaves_no_lock_that_blocks_the_next(project):
+    """DVC's locks do not outlive a killed run: its repo lock is an OS file lock, and its per-path lock list names
+    pids, which DVC checks for life (a dead one blocks nothing; lmforge's own flow lock: tests/test_lock.py)."""
+    import signal
+    import time
+
+    dvc_yaml = project / "dvc.yaml"
+    dvc_yaml.write_text(dvc_yaml.read_text().replace("stages:\n", "stages:\n  hang:\n    cmd: test -f go || sleep 60;"
+                                                      " mkdir -p out/hang\n    deps: [notes]\n    outs: [out/hang]\n", 1))
+    hung = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "hang"], cwd=project, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    rwlock = project / ".dvc/tmp/rwlock"
+    deadline = time.monotonic() + 60
+    while not (rwlock.exists() and str(hung.pid) in rwlock.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert str(hung.pid) in rwlock.read_text()  # it holds notes/ for reading, out/hang for writing
+    os.killpg(hung.pid, signal.SIGKILL)  # kill -9 of the whole process group, no clean-up runs
+    hung.wait()
+    assert str(hung.pid) in rwlock.read_text()  # the dead run is still listed as writing out/hang...
+    (project / "go").touch()
+    _sh(project, sys.executable, "-m", "dvc", "repro", "hang")  # ...and blocks nothing: the same stage runs again
+    assert (project / "out/hang").is_dir()
+
+
+@pytest.mark.parametrize("text, message", [("pretrain:\n  lr: [0.1, 2\n  seed: 1\n", "params.yaml:3: not valid YAML"),
+                                           ("", "params.yaml: empty"),
+                                           ("pretrain:\n  lr: -1.0\n", "pretrain.lr: Input should be greater than 0"),
+                                           (None, "unknown preset 'nope'")])
+def test_the_flow_cli_reports_bad_params_in_one_line_before_prefect_starts(tmp_path, text, message):
+    (tmp_path / "params.yaml").write_text(text or "")
+    preset = ["--preset", "nope"] if text is None else []
+    out = subprocess.run([sys.executable, "-m", "flows.lifecycle", "--root", str(tmp_path), *preset], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
