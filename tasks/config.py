@@ -339,6 +339,7 @@ class GrpoConfig(_Section):
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = F("dapo", "how token losses are averaged (TRL's default dapo has no length bias)")
     scale_rewards: Literal["group", "batch", "none"] = F("group", "divide advantages by the reward std of the group, the batch, or not at all")
     correct_weight: float = F(1.0, "weight of the verifiable reward: 1 when the reply's answer equals the known answer", ge=0)
+    partial_weight: float = F(0.5, "weight of the near-miss credit: 1 - |reply - answer| / (answer + 1) for numbers, the share of words in place for text", ge=0)
     format_weight: float = F(0.2, "weight of the format reward: 1 when the reply is one short line that ends its turn", ge=0)
     reward_model_weight: float = F(0.0, "weight of the learned reward model's score (0: verifiable rewards only)", ge=0)
     log_every: int = F(5, "steps between logged training metrics", gt=0)
@@ -348,8 +349,8 @@ class GrpoConfig(_Section):
 
     @model_validator(mode="after")
     def _some_reward(self):
-        if self.correct_weight + self.format_weight + self.reward_model_weight == 0:
-            raise ValueError("correct_weight, format_weight and reward_model_weight are all 0: nothing to learn from")
+        if self.correct_weight + self.partial_weight + self.format_weight + self.reward_model_weight == 0:
+            raise ValueError("correct_weight, partial_weight, format_weight and reward_model_weight are all 0: nothing to learn from")
         return self
 
 

@@ -2,9 +2,9 @@
 
 For each prompt the policy samples `group_size` replies; each reply's reward is checked against the prompt's
 known answer (no learned judge to exploit), and its advantage is its reward relative to the group's. The
-reward is a weighted sum of: correct (1 when the reply's answer equals the known answer exactly), format
-(1 when the reply is one short non-empty line that ends its turn) and, optionally, the learned reward
-model's score. A KL penalty (kl_coef) holds the policy near the frozen starting policy.
+reward is a weighted sum of: correct (1 when the reply's answer equals the known answer exactly), partial
+(credit for a near miss, denser than exact match for a model that is rarely right), format (1 when the reply
+is one short non-empty line that ends its turn) and, optionally, the learned reward model's score. A KL penalty (kl_coef) holds the policy near the frozen starting policy.
 Policy and reference = the SFT (or merged LoRA) model. Measured before and after on held-out prompts, as
 ppo and dpo are (`tasks.policy_eval`): ground-truth exact match, reward-model score, KL from the reference.
 Output: out/model (policy, loads with `AutoModelForCausalLM`, tokenizer beside it), out/curves.csv,
@@ -36,17 +36,30 @@ from tasks.tracking import Tracker
 TRAINER_TMP = "_trainer_tmp"
 MAX_ANSWER_CHARS = 40  # a well-formed reply to the built-in tasks is a number or two words
 CURVES = {"reward": "reward", "reward_std": "reward_std", "kl": "kl", "entropy": "entropy",
-          "rewards/correct/mean": "correct", "rewards/format/mean": "format", "rewards/reward_model/mean": "rm_score",
+          "rewards/correct/mean": "correct", "rewards/partial/mean": "partial", "rewards/format/mean": "format", "rewards/reward_model/mean": "rm_score",
           "completions/mean_length": "reply_tokens", "loss": "loss"}
 
 
 # ----------------------------------------------------------------------------------------- rewards
+def _partial(text: str, answer: str) -> float:
+    """Credit for a near miss: a number close to a numeric answer (1 at the answer, 0 at twice its distance
+    from zero or more), or the share of the answer's words in their place."""
+    if answer.isdigit():
+        if not text.isdigit():
+            return 0.0
+        return max(0.0, 1.0 - abs(int(text) - int(answer)) / (int(answer) + 1))
+    want, got = answer.split(), text.split()
+    return sum(w == g for w, g in zip(want, got)) / max(len(want), len(got)) if want else 0.0
+
+
 def verify(reply: str, answer: str, ended: bool) -> dict[str, float]:
     """The verifiable rewards of one reply (its text without special tokens) to a prompt whose answer is known:
-    correct = the reply's answer is exactly the known one; format = one short non-empty line that ended its turn."""
+    correct = the reply's answer is exactly the known one; partial = how near a miss is (1 when correct);
+    format = one short non-empty line that ended its turn."""
     text = posttrain_data.extract(reply)
     well_formed = ended and bool(text) and "\n" not in text and len(text) <= MAX_ANSWER_CHARS
-    return {"correct": posttrain_data.score(reply, answer), "format": 1.0 if well_formed else 0.0}
+    return {"correct": posttrain_data.score(reply, answer), "partial": round(_partial(text, answer.strip()), 4),
+            "format": 1.0 if well_formed else 0.0}
 
 
 def _reply_text(completion) -> str:
@@ -60,10 +73,13 @@ def reward_functions(tokenizer, cfg: GrpoConfig, reward_model=None) -> tuple[lis
     def correct(completions, completion_ids, answer, **_):
         return [verify(_reply_text(c), a, end_id in ids)["correct"] for c, ids, a in zip(completions, completion_ids, answer)]
 
+    def partial(completions, completion_ids, answer, **_):
+        return [verify(_reply_text(c), a, end_id in ids)["partial"] for c, ids, a in zip(completions, completion_ids, answer)]
+
     def format(completions, completion_ids, answer, **_):  # noqa: A001  (the name TRL logs)
         return [verify(_reply_text(c), a, end_id in ids)["format"] for c, ids, a in zip(completions, completion_ids, answer)]
 
-    funcs, weights = [correct, format], [cfg.correct_weight, cfg.format_weight]
+    funcs, weights = [correct, partial, format], [cfg.correct_weight, cfg.partial_weight, cfg.format_weight]
     if cfg.reward_model_weight > 0:
         def reward_model_score(prompts, completion_ids, **_):
             seqs = [query_ids(tokenizer, p) + list(ids) for p, ids in zip(prompts, completion_ids)]

@@ -20,16 +20,20 @@ TINY = dict(train_prompts=16, test_prompts=8, max_steps=3, prompts_per_step=2, g
 
 
 @pytest.mark.parametrize("reply, answer, ended, expected", [
-    ("68", "68", True, {"correct": 1.0, "format": 1.0}),            # right
-    (" 68 ", "68", True, {"correct": 1.0, "format": 1.0}),          # surrounding space is not part of the answer
-    ("red moon", "red moon", True, {"correct": 1.0, "format": 1.0}),
-    ("67", "68", True, {"correct": 0.0, "format": 1.0}),            # wrong, well formed
-    ("moon red", "red moon", True, {"correct": 0.0, "format": 1.0}),
-    ("68", "68", False, {"correct": 1.0, "format": 0.0}),           # right digits, never ended its turn
-    ("", "68", True, {"correct": 0.0, "format": 0.0}),              # empty
-    ("68\n69", "68", True, {"correct": 0.0, "format": 0.0}),        # two lines
-    ("680", "68", True, {"correct": 0.0, "format": 1.0}),           # a prefix match is not a match
-    ("The answer is 68 because " + "x" * 40, "68", True, {"correct": 0.0, "format": 0.0}),  # rambling
+    ("68", "68", True, {"correct": 1.0, "partial": 1.0, "format": 1.0}),            # right
+    (" 68 ", "68", True, {"correct": 1.0, "partial": 1.0, "format": 1.0}),          # surrounding space is no part
+    ("red moon", "red moon", True, {"correct": 1.0, "partial": 1.0, "format": 1.0}),
+    ("67", "68", True, {"correct": 0.0, "partial": 0.9855, "format": 1.0}),         # wrong, near, well formed
+    ("6", "68", True, {"correct": 0.0, "partial": 0.1014, "format": 1.0}),          # far
+    ("200", "68", True, {"correct": 0.0, "partial": 0.0, "format": 1.0}),           # beyond twice the answer
+    ("moon red", "red moon", True, {"correct": 0.0, "partial": 0.0, "format": 1.0}),
+    ("red sun", "red moon", True, {"correct": 0.0, "partial": 0.5, "format": 1.0}),
+    ("68", "68", False, {"correct": 1.0, "partial": 1.0, "format": 0.0}),           # right digits, never ended its turn
+    ("", "68", True, {"correct": 0.0, "partial": 0.0, "format": 0.0}),              # empty
+    ("68\n69", "68", True, {"correct": 0.0, "partial": 0.0, "format": 0.0}),        # two lines
+    ("680", "68", True, {"correct": 0.0, "partial": 0.0, "format": 1.0}),           # a prefix match is no match
+    ("sixty-eight", "68", True, {"correct": 0.0, "partial": 0.0, "format": 1.0}),   # not a number
+    ("The answer is 68 because " + "x" * 40, "68", True, {"correct": 0.0, "partial": 0.0, "format": 0.0}),  # rambling
 ])
 def test_verify(reply, answer, ended, expected):
     assert grpo.verify(reply, answer, ended) == expected
@@ -38,12 +42,13 @@ def test_verify(reply, answer, ended, expected):
 def test_reward_functions_read_trl_batches(tiny_tokenizer):
     end = tiny_tokenizer.convert_tokens_to_ids("<|end|>")
     funcs, weights = grpo.reward_functions(tiny_tokenizer, GrpoConfig())
-    assert [f.__name__ for f in funcs] == ["correct", "format"] and weights == [1.0, 0.2]
+    assert [f.__name__ for f in funcs] == ["correct", "partial", "format"] and weights == [1.0, 0.5, 0.2]
     completions = [[{"role": "assistant", "content": "12"}], [{"role": "assistant", "content": "13"}],
                    [{"role": "assistant", "content": "12"}]]
     ids = [[50, end], [51, end], [50, 52]]
     assert funcs[0](completions, ids, answer=["12"] * 3) == [1.0, 0.0, 1.0]
-    assert funcs[1](completions, ids, answer=["12"] * 3) == [1.0, 1.0, 0.0]
+    assert funcs[1](completions, ids, answer=["12"] * 3) == [1.0, round(1 - 1 / 13, 4), 1.0]
+    assert funcs[2](completions, ids, answer=["12"] * 3) == [1.0, 1.0, 0.0]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +69,7 @@ def test_metrics_curves_and_policy(trained, tiny_model_dir):
     assert math.isfinite(metrics["kl_last"])
     rows = list(csv.DictReader((out / "curves.csv").open()))
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
-    for col in ("reward", "correct", "format", "rm_score", "kl"):
+    for col in ("reward", "correct", "partial", "format", "rm_score", "kl"):
         assert all(math.isfinite(float(r[col])) for r in rows), col
     assert (out / "samples.jsonl").read_text().count("\n") == 8
     assert read_json(out / "model" / META_FILE)["metrics"]["gt_accuracy"] == metrics["gt_accuracy"]
@@ -86,6 +91,6 @@ def test_user_prompts_need_answers(tmp_path):
     with pytest.raises(InputError, match=r'q\.jsonl:1: grpo needs an "answer"'):
         grpo.training_prompts(GrpoConfig(data_files=[str(bad)]))
     with pytest.raises(ConfigError, match="nothing to learn from"):
-        parse_section("grpo", {"correct_weight": 0, "format_weight": 0})
+        parse_section("grpo", {"correct_weight": 0, "partial_weight": 0, "format_weight": 0})
     assert len(grpo.training_prompts(GrpoConfig(train_prompts=10))) == 10
     assert posttrain_data.score("4", "4") == 1.0
