@@ -117,6 +117,7 @@ def test_the_flow_cli_reports_bad_params_in_one_line_before_prefect_starts(tmp_p
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
 
+@pytest.mark.slow  # ~45 s: two flow runs, each with its own Prefect server
 def test_a_flow_killed_with_sigkill_mid_stage_completes_when_run_again(project, tmp_path):
     """kill -9 of the flow's whole process group (flow, Prefect, DVC, the stage, the tracking process) while pretrain
     trains, then the same command: the run completes (pretrain resumes from its checkpoint), no staging folder or
