@@ -419,7 +419,7 @@ def _serve() -> None:
                     ended = _end_abandoned_quietly(client, experiment_id)  # a flow run starts: earlier ones are over
                     tags = redact({"lmforge.git_commit": git_commit(project_root()), **args[1], **owner_tags()})
                     if ended:
-                        tags["lmforge.ended_abandoned"] = ",".join(ended)
+                        tags["lmforge.ended_abandoned"] = ",".join(ended[:100])  # within MLflow's tag size
                     run = client.create_run(experiment_id, run_name=args[0], tags=tags)
                     tracker = MlflowTracker(client, run.info.run_id, experiment_id)
                 elif op == "run_id":
