@@ -22,6 +22,11 @@ class OnLog(TrainerCallback):
         if logs and state.is_world_process_zero:  # one process reports; the others hold the same figures
             self.fn(state.global_step, dict(logs))
 
+    def replay(self, earlier: list[tuple[int, dict]]) -> None:
+        """Logs of the run a resume continues (tasks.resume.earlier_logs), as if logged now."""
+        for step, logs in earlier:
+            self.fn(step, dict(logs))
+
 
 class ForwardLogs(TrainerCallback):
     """Trainer logs -> the stage's tracker (train/..., eval/...) and a local history."""
@@ -30,11 +35,18 @@ class ForwardLogs(TrainerCallback):
         self.tracker, self.history = tracker, history
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        values = {k: v for k, v in numbers(logs or {}).items() if not k.startswith("train_")}  # train_* = end summary
+        if state.is_world_process_zero:
+            self.record(state.global_step, logs or {})
+
+    def record(self, step: int, logs: dict) -> None:
+        values = {k: v for k, v in numbers(logs).items() if not k.startswith("train_")}  # train_* = end summary
         if not values:
             return
         named = {(f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"): v for k, v in values.items()}
-        self.tracker.log_metrics(named, step=state.global_step)
-        self.history.append({"step": state.global_step, **named})
+        self.tracker.log_metrics(named, step=step)
+        self.history.append({"step": step, **named})
+
+    def replay(self, earlier: list[tuple[int, dict]]) -> None:
+        """Logs of the run a resume continues (tasks.resume.earlier_logs), as if logged now."""
+        for step, logs in earlier:
+            self.record(step, logs)

@@ -255,6 +255,7 @@ class RewardConfig(_Section):
     max_length: int = F(128, "drop pairs whose chosen or rejected conversation is longer than this (tokens)", ge=8)
     eval_every: int = F(50, "optimizer steps between held-out accuracy evaluations", ge=1)
     log_every: int = F(5, "optimizer steps between logged training metrics", ge=1)
+    checkpoint_every: int = F(25, "steps between resumable checkpoints (in --checkpoints; a rerun resumes the last); 0: none", ge=0)
     device: Literal["auto", "cpu", "cuda"] = F("auto", "auto picks cuda when available")
     num_threads: int = F(0, "CPU threads for torch; 0 leaves torch's default")
 
@@ -314,6 +315,7 @@ class DpoConfig(_Section):
     sft_weight: float = F(1.0, "weight of an added NLL loss on the chosen reply (RPO); plain DPO lowers the chosen reply's likelihood too; 0 = plain DPO", ge=0)
     max_length: int = F(128, "truncate prompt + answer to this many tokens", gt=0)
     log_every: int = F(5, "steps between logged training metrics", gt=0)
+    checkpoint_every: int = F(20, "steps between resumable checkpoints (in --checkpoints; a rerun resumes the last); 0: none", ge=0)
     eval_batch_size: int = F(64, "prompts per batch when measuring", gt=0)
     max_new_tokens: int = F(8, "tokens generated per held-out answer", gt=0)
     device: Literal["auto", "cpu", "cuda"] = F("auto", "auto picks cuda when available (bf16 there, fp32 on cpu)")
@@ -343,6 +345,7 @@ class GrpoConfig(_Section):
     format_weight: float = F(0.2, "weight of the format reward: 1 when the reply is one short line that ends its turn", ge=0)
     reward_model_weight: float = F(0.0, "weight of the learned reward model's score (0: verifiable rewards only)", ge=0)
     log_every: int = F(5, "steps between logged training metrics", gt=0)
+    checkpoint_every: int = F(10, "steps between resumable checkpoints (in --checkpoints; a rerun resumes the last); 0: none", ge=0)
     eval_batch_size: int = F(64, "prompts per batch when measuring", gt=0)
     device: Literal["auto", "cpu", "cuda"] = F("auto", "auto picks cuda when available (bf16 there, fp32 on cpu)")
     num_threads: int = F(0, "CPU threads for torch; 0 leaves torch's default", ge=0)

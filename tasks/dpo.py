@@ -13,12 +13,11 @@ Output: out/model (policy, loads with `AutoModelForCausalLM`, tokenizer beside i
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from tasks import distributed, posttrain_data
+from tasks import distributed, posttrain_data, resume
 from tasks.callbacks import ForwardLogs
 from tasks.config import DpoConfig
 from tasks.models import load_tokenizer, set_generation_defaults
@@ -52,7 +51,7 @@ def training_pairs(cfg: DpoConfig) -> list[dict]:
 
 
 def make_trainer(cfg: DpoConfig, model, ref, tokenizer, train: list[dict], test: list[dict], work: Path, device: str,
-                 tracker: Tracker, history: list[dict]):
+                 tracker: Tracker, history: list[dict], checkpoints: bool = False):
     from datasets import Dataset
     from trl import DPOConfig as TrlDpoConfig
     from trl import DPOTrainer
@@ -74,7 +73,7 @@ def make_trainer(cfg: DpoConfig, model, ref, tokenizer, train: list[dict], test:
         logging_steps=cfg.log_every,
         logging_first_step=True,
         eval_strategy="no",
-        save_strategy="no",
+        **resume.save_args(work if checkpoints else None, cfg.checkpoint_every),  # resumable: see tasks.resume
         report_to="none",
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -92,7 +91,8 @@ def make_trainer(cfg: DpoConfig, model, ref, tokenizer, train: list[dict], test:
 
 
 # -------------------------------------------------------------------------------------------- stage
-def run(cfg: DpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker: Tracker) -> dict:
+def run(cfg: DpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker: Tracker,
+        checkpoints: Path | None = None) -> dict:
     """DPO on preference pairs from the starting policy, measured before and after on held-out data."""
     from transformers import set_seed
 
@@ -115,13 +115,16 @@ def run(cfg: DpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker:
     tracker.log_metrics({k: v for k, v in before.items() if not isinstance(v, dict)}, step=0)
 
     history: list[dict] = []
-    work = out / TRAINER_TMP
-    trainer = make_trainer(cfg, model, ref, tok, train, test_pairs, work, device.type, tracker, history)
+    checkpoint = resume.start("dpo", checkpoints, resume.fingerprint(cfg, [policy], train))
+    work = checkpoints or out / TRAINER_TMP
+    trainer = make_trainer(cfg, model, ref, tok, train, test_pairs, work, device.type, tracker, history,
+                           checkpoints=checkpoints is not None)
+    ForwardLogs(tracker, history).replay(resume.earlier_logs(checkpoint))  # the killed attempt's first losses
     t0 = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     train_s = time.perf_counter() - t0
     final = trainer.evaluate()
-    shutil.rmtree(work, ignore_errors=True)
+    resume.finish(work)  # done: a later run starts fresh
     model = trainer.model
 
     after, samples_after = measure(model, tok, test, ref=ref, **kw)
@@ -135,6 +138,7 @@ def run(cfg: DpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker:
         "implicit_reward_margin": round(final["eval_rewards/margins"], 4),
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
+        "resumed_from_step": resume.step_of(checkpoint),
         "steps": result.global_step, "train_pairs": len(train), "test_pairs": len(test_pairs),
         "test_prompts": len(test), "train_s": round(train_s, 2),
     }
@@ -154,7 +158,8 @@ def run(cfg: DpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli("dpo", run, inputs=("policy", "reward_model"), argv=argv)
+    return cli("dpo", run, inputs=("policy", "reward_model"), argv=argv, options={
+        "checkpoints": {"type": Path, "default": None, "help": "scratch folder for resumable checkpoints (not an output)"}})
 
 
 if __name__ == "__main__":

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from tasks import distributed, posttrain_data
+from tasks import distributed, posttrain_data, resume
 from tasks.callbacks import ForwardLogs
 from tasks.config import SftConfig
 from tasks.models import stop_token_ids
@@ -135,9 +134,7 @@ def make_trainer(cfg: SftConfig, model, tokenizer, train_convs, test_rows, work:
         logging_first_step=True,
         eval_strategy="steps" if cfg.eval_every else "no",
         eval_steps=cfg.eval_every or None,
-        save_strategy="steps" if checkpoints and cfg.checkpoint_every else "no",
-        save_steps=max(cfg.checkpoint_every, 1),
-        save_total_limit=1,
+        **resume.save_args(work if checkpoints else None, cfg.checkpoint_every),
         report_to="none",
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -158,56 +155,26 @@ def make_trainer(cfg: SftConfig, model, tokenizer, train_convs, test_rows, work:
     )
 
 
-def fingerprint(cfg: SftConfig, base: Path, train_convs: list[list[dict]]) -> str:
-    """Identifies a training run: a checkpoint is resumed only by the run (config, base weights, data) that wrote it."""
-    import hashlib
-
-    h = hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode())
-    for weights in sorted(Path(base).glob("*.safetensors")):
-        with weights.open("rb") as fh:  # the header names every tensor and its offsets; the first MiB samples values
-            h.update(fh.read(1 << 20))
-        h.update(str(weights.stat().st_size).encode())
-    h.update(json.dumps(train_convs, sort_keys=True).encode())
-    return h.hexdigest()[:16]
-
-
-def resume_point(checkpoints: Path | None, fp: str) -> str | None:
-    """The last checkpoint in `checkpoints` written by this run, or None (a stale folder is cleared)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if checkpoints is None or not checkpoints.is_dir():
-        return None
-    mark = checkpoints / "fingerprint"
-    if not mark.is_file() or mark.read_text() != fp:
-        if distributed.is_main():  # another config, base or data: its checkpoints cannot continue this run
-            shutil.rmtree(checkpoints)
-        return None
-    return get_last_checkpoint(str(checkpoints))
-
-
 def finetune(cfg: SftConfig, model, tokenizer, train_convs: list[list[dict]], out: Path, tracker, device: str,
              peft_config=None, checkpoints: Path | None = None, fp: str = "") -> tuple[Any, dict]:
     """Measure the base, train, measure again. Returns the trainer (its .model is the trained model) and metrics.
     With `checkpoints` (a scratch folder, not an output), training resumes from the last checkpoint there that
-    the same run (`fp`, see fingerprint) wrote, and the folder is removed once training is done."""
+    the same run (`fp`, see tasks.resume.fingerprint) wrote, and the folder is removed once training is done."""
     test_rows = posttrain_data.conversations("test", cfg.test_examples, cfg.seed)
     if not getattr(model, "is_loaded_in_4bit", False):  # quantized models are placed by device_map already
         model.to(device)
     base_acc, base_answers = answer_accuracy(model, tokenizer, test_rows, cfg.eval_batch_size, cfg.max_new_tokens)
 
     history: list[dict] = []
-    resume = resume_point(checkpoints, fp)
+    stage = type(cfg).__name__.removesuffix("Config").lower()
+    checkpoint = resume.start(stage, checkpoints, fp)
     work = checkpoints or out / TRAINER_TMP
     trainer = make_trainer(cfg, model, tokenizer, train_convs, test_rows, work, device, tracker, history, peft_config,
                            checkpoints=checkpoints is not None)
-    if checkpoints is not None and distributed.is_main():
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        (checkpoints / "fingerprint").write_text(fp)
     base_eval = trainer.evaluate()
+    ForwardLogs(tracker, history).replay(resume.earlier_logs(checkpoint))
     start = time.perf_counter()
-    if resume:
-        print(f"{type(cfg).__name__.removesuffix('Config').lower()}: resuming from {resume}", file=sys.stderr)
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     train_time = time.perf_counter() - start
     final_eval = trainer.evaluate()
     if distributed.is_main():
@@ -216,7 +183,7 @@ def finetune(cfg: SftConfig, model, tokenizer, train_convs: list[list[dict]], ou
     final_acc, final_answers = answer_accuracy(trainer.model, tokenizer, test_rows, cfg.eval_batch_size, cfg.max_new_tokens)
     losses = [h["train/loss"] for h in history if "train/loss" in h]
     metrics = {
-        "resumed_from_step": int(Path(resume).name.rsplit("-", 1)[-1]) if resume else 0,
+        "resumed_from_step": resume.step_of(checkpoint),
         "train_conversations": len(train_convs),
         "test_conversations": len(test_rows),
         "steps": result.global_step,

@@ -16,12 +16,11 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from tasks import distributed, posttrain_data
+from tasks import distributed, posttrain_data, resume
 from tasks.callbacks import OnLog
 from tasks.chat import END
 from tasks.config import GrpoConfig
@@ -107,7 +106,8 @@ def training_prompts(cfg: GrpoConfig) -> list[dict]:
     return rows
 
 
-def make_trainer(cfg: GrpoConfig, model, tokenizer, rows: list[dict], work: Path, device: str, reward_model, callbacks):
+def make_trainer(cfg: GrpoConfig, model, tokenizer, rows: list[dict], work: Path, device: str, reward_model, callbacks,
+                 checkpoints: bool = False):
     from datasets import Dataset
     from trl import GRPOConfig as TrlGrpoConfig
     from trl import GRPOTrainer
@@ -133,7 +133,7 @@ def make_trainer(cfg: GrpoConfig, model, tokenizer, rows: list[dict], work: Path
         reward_weights=weights,
         logging_steps=cfg.log_every,
         logging_first_step=True,
-        save_strategy="no",
+        **resume.save_args(work if checkpoints else None, cfg.checkpoint_every),  # resumable: see tasks.resume
         report_to="none",
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -148,7 +148,8 @@ def make_trainer(cfg: GrpoConfig, model, tokenizer, rows: list[dict], work: Path
 
 
 # ------------------------------------------------------------------------------------------- stage
-def run(cfg: GrpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker: Tracker) -> dict:
+def run(cfg: GrpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker: Tracker,
+        checkpoints: Path | None = None) -> dict:
     """GRPO with verifiable rewards from the starting policy, measured before and after on held-out prompts."""
     from transformers import set_seed
 
@@ -177,12 +178,16 @@ def run(cfg: GrpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker
             tracker.log_metrics({f"rollout/{k}": v for k, v in row.items()}, step=step)
 
     eos = model.config.eos_token_id  # the trainer aligns the config with its <|end|> copy; saved models keep theirs
-    work = out / TRAINER_TMP
-    trainer = make_trainer(cfg, model, tok, rows, work, device.type, rm, [OnLog(collect)])
+    read_in_training = [policy] + ([reward_model] if cfg.reward_model_weight > 0 else [])  # what training reads
+    checkpoint = resume.start("grpo", checkpoints, resume.fingerprint(cfg, read_in_training, rows))
+    work = checkpoints or out / TRAINER_TMP
+    on_log = OnLog(collect)
+    on_log.replay(resume.earlier_logs(checkpoint))  # the killed attempt's curves
+    trainer = make_trainer(cfg, model, tok, rows, work, device.type, rm, [on_log], checkpoints=checkpoints is not None)
     t0 = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     train_s = time.perf_counter() - t0
-    shutil.rmtree(work, ignore_errors=True)
+    resume.finish(work)  # done: a later run starts fresh
     model = trainer.model
     model.config.eos_token_id = eos
 
@@ -195,6 +200,7 @@ def run(cfg: GrpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker
         "train_reward_first": round(curves[0]["reward"], 4) if curves and "reward" in curves[0] else None,
         "train_reward_last": round(sum(r.get("reward", 0.0) for r in tail) / len(tail), 4) if tail else None,
         "kl_last": round(sum(r.get("kl", 0.0) for r in tail) / len(tail), 4) if tail and cfg.kl_coef > 0 else None,
+        "resumed_from_step": resume.step_of(checkpoint),
         "steps": result.global_step, "episodes": result.global_step * cfg.prompts_per_step * cfg.group_size,
         "train_prompts": len(rows), "test_prompts": len(test), "train_s": round(train_s, 2),
     }
@@ -223,7 +229,8 @@ def run(cfg: GrpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli("grpo", run, inputs=("policy", "reward_model"), argv=argv)
+    return cli("grpo", run, inputs=("policy", "reward_model"), argv=argv, options={
+        "checkpoints": {"type": Path, "default": None, "help": "scratch folder for resumable checkpoints (not an output)"}})
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from tasks.config import LoraConfig
 from tasks.finetune import answer_accuracy, finetune, training_conversations
 from tasks.models import context_length, load_tokenizer, ready_lowbit, set_generation_defaults
 from tasks.posttrain_data import conversations
+from tasks.resume import fingerprint
 from tasks.runtime import pick_device
 from tasks.stage import InputError, cli, write_meta
 
@@ -52,7 +53,7 @@ def load_base(base: Path, cfg: LoraConfig, device: str):
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
-def run(cfg: LoraConfig, *, base: Path, out: Path, tracker) -> dict:
+def run(cfg: LoraConfig, *, base: Path, out: Path, tracker, checkpoints: Path | None = None) -> dict:
     """LoRA (or QLoRA) fine-tuning of a pretrained model on chat conversations; saves the adapter and a merged model."""
     import torch
     from peft import LoraConfig as PeftLoraConfig
@@ -73,7 +74,8 @@ def run(cfg: LoraConfig, *, base: Path, out: Path, tracker) -> dict:
         trainable_token_indices=chat_token_ids(tokenizer) if cfg.train_chat_tokens else None,
         task_type="CAUSAL_LM",
     )
-    trainer, metrics = finetune(cfg, model, tokenizer, train_convs, out, tracker, device, peft_config=peft_config)
+    trainer, metrics = finetune(cfg, model, tokenizer, train_convs, out, tracker, device, peft_config=peft_config,
+                                checkpoints=checkpoints, fp=fingerprint(cfg, [base], train_convs))
     trainable, total = trainer.model.get_nb_trainable_parameters()
     metrics.update(trainable_params=trainable, total_params=total, trainable_share=trainable / total, qlora=cfg.qlora)
 
@@ -100,7 +102,8 @@ def run(cfg: LoraConfig, *, base: Path, out: Path, tracker) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli("lora", run, inputs=("base",), argv=argv)
+    return cli("lora", run, inputs=("base",), argv=argv, options={
+        "checkpoints": {"type": Path, "default": None, "help": "scratch folder for resumable checkpoints (not an output)"}})
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from tasks import distributed, posttrain_data
+from tasks import distributed, posttrain_data, resume
 from tasks.callbacks import OnLog, numbers
 from tasks.config import RewardConfig
 from tasks.models import load_tokenizer
@@ -102,7 +102,7 @@ def measure(model, tokenizer, test_pairs: list[dict], cases: list[dict], suffix:
 
 
 # ---------------------------------------------------------------------------------------------- stage
-def run(cfg: RewardConfig, *, sft: Path, out: Path, tracker: Tracker) -> dict:
+def run(cfg: RewardConfig, *, sft: Path, out: Path, tracker: Tracker, checkpoints: Path | None = None) -> dict:
     """Train a reward model from the SFT model on preference pairs (pairwise loss)."""
     from datasets import Dataset
     from trl import RewardConfig as TrlRewardConfig
@@ -139,16 +139,20 @@ def run(cfg: RewardConfig, *, sft: Path, out: Path, tracker: Tracker) -> dict:
         if "loss" in logs:
             losses.append(logs["loss"])
 
+    # with --checkpoints (scratch, see tasks.resume) the run continues from the last checkpoint it wrote there
+    checkpoint = resume.start("reward", checkpoints, resume.fingerprint(cfg, [sft], train))
+    on_log = OnLog(forward)
+    on_log.replay(resume.earlier_logs(checkpoint))  # the killed attempt's curve and first loss
     with tempfile.TemporaryDirectory(prefix="lmforge-reward-") as workdir:
         args = TrlRewardConfig(
-            output_dir=workdir, seed=cfg.seed, data_seed=cfg.seed,
+            output_dir=str(checkpoints or workdir), seed=cfg.seed, data_seed=cfg.seed,
             per_device_train_batch_size=distributed.per_process(cfg.batch_size, "reward.batch_size"),
             per_device_eval_batch_size=64,
             max_steps=total_steps, learning_rate=cfg.lr, lr_scheduler_type="linear",
             warmup_steps=round(cfg.warmup_ratio * total_steps), weight_decay=cfg.weight_decay,
             center_rewards_coefficient=cfg.center_rewards or None, max_length=cfg.max_length,
             logging_steps=cfg.log_every, eval_strategy="steps", eval_steps=cfg.eval_every,
-            save_strategy="no", report_to="none", use_cpu=device.type == "cpu",
+            **resume.save_args(checkpoints, cfg.checkpoint_every), report_to="none", use_cpu=device.type == "cpu",
             bf16=False, activation_checkpointing=False,  # TRL defaults: bf16 on, checkpointing on
             dataloader_num_workers=0, dataset_num_proc=None, **distributed.trainer_args(),
         )
@@ -156,15 +160,17 @@ def run(cfg: RewardConfig, *, sft: Path, out: Path, tracker: Tracker) -> dict:
             model=model, args=args, processing_class=tok,
             train_dataset=Dataset.from_list(train),
             eval_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in test]),
-            callbacks=[OnLog(forward)],
+            callbacks=[on_log],
         )
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    resume.finish(checkpoints)
     model = trainer.model
 
     after = measure(model, tok, test, cases, "")
     metrics = {
         **after, **before,
-        "train_loss": round(result.training_loss, 4),
+        "resumed_from_step": resume.step_of(checkpoint),
+        "train_loss": round(result.training_loss, 4),  # after a resume: over the steps this run trained
         "train_loss_first": round(losses[0], 4) if losses else None,
         "train_loss_last": round(losses[-1], 4) if losses else None,
         "steps": total_steps, "train_pairs": len(train), "user_pairs": len(extra),
@@ -179,7 +185,8 @@ def run(cfg: RewardConfig, *, sft: Path, out: Path, tracker: Tracker) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli("reward", run, inputs=("sft",), argv=argv)
+    return cli("reward", run, inputs=("sft",), argv=argv, options={
+        "checkpoints": {"type": Path, "default": None, "help": "scratch folder for resumable checkpoints (not an output)"}})
 
 
 if __name__ == "__main__":

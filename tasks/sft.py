@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 from tasks.config import SftConfig
-from tasks.finetune import fingerprint, finetune, training_conversations
+from tasks.finetune import finetune, training_conversations
 from tasks.models import context_length, load_tokenizer, set_generation_defaults
+from tasks.resume import fingerprint
 from tasks.runtime import pick_device
 from tasks.stage import cli, write_meta
 
@@ -34,7 +35,7 @@ def run(cfg: SftConfig, *, base: Path, out: Path, tracker, checkpoints: Path | N
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True,
                                                  trust_remote_code=False)
     trainer, metrics = finetune(cfg, model, tokenizer, train_convs, out, tracker, device, checkpoints=checkpoints,
-                                fp=fingerprint(cfg, base, train_convs))
+                                fp=fingerprint(cfg, [base], train_convs))
     metrics["params"] = sum(p.numel() for p in model.parameters())
 
     model_dir = out / "model"

@@ -8,6 +8,10 @@ A stage run by `dvc repro` alone is a top-level run (nested under `LMFORGE_PAREN
 set), written from a worker thread. Under a flow, the stage process never imports MLflow: it writes its
 calls to a journal (`LMFORGE_TRACKING_JOURNAL`), and the flow, whose MLflow client is already up,
 replays each stage's journal into a run nested under the flow's run while the next stage works.
+
+Every run is tagged with the process that created it and will end it (host, pid, its start time). A run that
+process left RUNNING when it died (kill -9) would stay RUNNING forever: the next flow run of the experiment
+marks it FAILED, after replaying the killed flow's leftover stage journals under it (`end_abandoned`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import queue
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +38,9 @@ EXPERIMENT_ENV = "LMFORGE_EXPERIMENT"
 SWITCH_ENV = "LMFORGE_TRACKING"  # "off" disables tracking
 ROOT_ENV = "LMFORGE_ROOT"  # project folder holding the default store; the flow sets it for its stages
 DEFAULT_EXPERIMENT = "lmforge"
+HOST_TAG, PID_TAG, PID_START_TAG = "lmforge.host", "lmforge.pid", "lmforge.pid_start"  # who ends the run
+JOURNAL_TAG = "lmforge.journal"  # a flow run's journal folder: what a killed flow left unreplayed is there
+ABANDONED_TAG = "lmforge.abandoned"
 
 
 class Unreachable(ValueError):
@@ -167,7 +175,7 @@ class MlflowTracker:
             return
         start = calls[0]
         run = self.client.create_run(self.experiment_id, run_name=start["name"], start_time=start["time"],
-                                     tags={**start["tags"], "mlflow.parentRunId": self.run_id})
+                                     tags={**start["tags"], **owner_tags(), "mlflow.parentRunId": self.run_id})
         child, status, end = MlflowTracker(self.client, run.info.run_id, self.experiment_id), "FAILED", None
         metrics = []  # every step's metrics in a few batches, not a commit per logging call
         for call in calls[1:]:
@@ -408,7 +416,10 @@ def _serve() -> None:
                     client = _client()
                     experiment_id = _experiment_id(client, args[0])
                 elif op == "start":
-                    tags = redact({"lmforge.git_commit": git_commit(project_root()), **args[1]})
+                    ended = _end_abandoned_quietly(client, experiment_id)  # a flow run starts: earlier ones are over
+                    tags = redact({"lmforge.git_commit": git_commit(project_root()), **args[1], **owner_tags()})
+                    if ended:
+                        tags["lmforge.ended_abandoned"] = ",".join(ended[:100])  # within MLflow's tag size
                     run = client.create_run(experiment_id, run_name=args[0], tags=tags)
                     tracker = MlflowTracker(client, run.info.run_id, experiment_id)
                 elif op == "run_id":
@@ -421,6 +432,72 @@ def _serve() -> None:
                 error = f"{type(err).__name__}: {err}"
         if wait:
             answers.write(json.dumps({"error": error} if error else {"value": value}) + "\n")
+
+
+# ------------------------------------------------------------------------------- abandoned runs
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first, start time at [19]); None without it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def owner_tags() -> dict[str, str]:
+    """Tags naming this process as the one that ends the run it creates. The start time tells a reused pid apart."""
+    stat = _proc_stat(os.getpid())
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PID_START_TAG: stat[19] if stat else ""}
+
+
+def owner_gone(tags: Mapping[str, str]) -> bool:
+    """Whether the process a run's owner tags name has certainly ended: this host, and its pid is free, a zombie
+    or another process now. Runs of other hosts, or from before these tags, are never judged."""
+    pid = tags.get(PID_TAG, "")
+    if tags.get(HOST_TAG) != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # exists, another user's
+        pass
+    stat = _proc_stat(int(pid))
+    if stat is None:  # no /proc here: it exists, so take it for the owner
+        return False
+    return stat[0] in ("Z", "X") or bool(tags.get(PID_START_TAG)) and stat[19] != tags[PID_START_TAG]
+
+
+def end_abandoned(client, experiment_id: str) -> list[str]:
+    """Mark FAILED the experiment's runs left RUNNING by a process of this host that has ended (a killed flow or
+    stage: nobody else would ever end them), replaying first the stage journals a killed flow left, so the
+    killed stage's attempt is there as a FAILED run with what it logged. Returns the ids of the runs ended."""
+    host = socket.gethostname()
+    runs = client.search_runs([experiment_id], max_results=1000,
+                              filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'")
+    ended = []
+    for run in runs:
+        tags = run.data.tags
+        if not owner_gone(tags):
+            continue
+        journal = Path(tags.get(JOURNAL_TAG) or "/nonexistent")
+        if journal.is_dir():  # in the order the stages ran (the stem is <stage>-<time_ns>-<pid>)
+            tracker = MlflowTracker(client, run.info.run_id, experiment_id)
+            for path in sorted(journal.glob("*.jsonl"), key=lambda p: p.stem.rsplit("-", 2)[-2]):
+                tracker.replay(path, {})
+            shutil.rmtree(journal, ignore_errors=True)
+        client.set_tag(run.info.run_id, ABANDONED_TAG,
+                       f"pid {tags[PID_TAG]} on {host} ended without closing this run (killed?); the next flow run marked it FAILED")
+        client.set_terminated(run.info.run_id, "FAILED")
+        ended.append(run.info.run_id)
+    return ended
+
+
+def _end_abandoned_quietly(client, experiment_id: str) -> list[str]:
+    try:
+        return end_abandoned(client, experiment_id)
+    except Exception as err:  # noqa: BLE001 - housekeeping: it must not cost the new run its tracking
+        print(redact(f"lmforge: could not end abandoned MLflow runs: {type(err).__name__}: {err}"), file=sys.stderr)
+        return []
 
 
 # ------------------------------------------------------------------------------------------- set-up
@@ -483,7 +560,7 @@ def git_commit(root: str | Path = ".") -> str:
 def _connect(name: str, tags: Mapping[str, str], parent: str | None, experiment: str) -> MlflowTracker:
     client = _client()
     exp_id = _experiment_id(client, experiment)
-    all_tags = {"lmforge.git_commit": git_commit(project_root()), **tags}
+    all_tags = {"lmforge.git_commit": git_commit(project_root()), **tags, **owner_tags()}
     if parent:
         all_tags["mlflow.parentRunId"] = parent
     run = client.create_run(exp_id, run_name=name, tags={k: redact(str(v)) for k, v in all_tags.items()})
@@ -562,7 +639,7 @@ def flow_run(name: str, experiment: str, params: Mapping[str, Any]) -> Iterator[
     os.environ[JOURNAL_ENV] = journal
     tracker = _warm.pop((str(project_root()), experiment), None) or ProcessTracker(project_root(), experiment)
     try:
-        with _closing(tracker.start(name, {"lmforge.flow": name})) as tracker:
+        with _closing(tracker.start(name, {"lmforge.flow": name, JOURNAL_TAG: journal})) as tracker:
             tracker.log_params(params)
             yield tracker
     finally:  # the run is closed: every queued replay is done

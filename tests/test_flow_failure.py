@@ -1,6 +1,7 @@
 """A stage that fails under the flow: one `error:` line and no traceback, and its last good outputs back in the
 workspace (DVC deletes them before it runs the command), with the summary saying so. A real git + DVC project
-and the real flow CLI (its own Prefect server), on one cheap stage: mix over a small local text source."""
+and the real flow CLI (its own Prefect server), on cheap stages: mix over a small local text source (and a tiny
+pretrain for a flow killed with kill -9 mid-stage)."""
 
 from __future__ import annotations
 
@@ -114,3 +115,58 @@ def test_the_flow_cli_reports_bad_params_in_one_line_before_prefect_starts(tmp_p
     assert out.returncode == 2
     lines = (out.stdout + out.stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+@pytest.mark.slow  # ~45 s: two flow runs, each with its own Prefect server
+def test_a_flow_killed_with_sigkill_mid_stage_completes_when_run_again(project, tmp_path):
+    """kill -9 of the flow's whole process group (flow, Prefect, DVC, the stage, the tracking process) while pretrain
+    trains, then the same command: the run completes (pretrain resumes from its checkpoint), no staging folder or
+    lock is left, and MLflow holds the killed attempt as FAILED runs (the flow's and the stage's), none RUNNING."""
+    import signal
+    import time
+
+    data = json.loads(_params("notes"))
+    data["pretrain"].update(max_steps=120, checkpoint_every=30, eval_every=60)
+    (project / "params.yaml").write_text(json.dumps(data, indent=1))
+    env = {k: v for k, v in ENV.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(LMFORGE_TRACKING="on", PREFECT_HOME=str(tmp_path / "prefect"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "flows.lifecycle", "--root", str(project), "--stages", "pretrain"]
+
+    with (tmp_path / "killed.log").open("w") as log:
+        flow = subprocess.Popen(cmd, cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        checkpoint, deadline = project / "out/pretrain/checkpoints/last.pt", time.monotonic() + 240
+        while not checkpoint.exists() and flow.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        alive = flow.poll() is None
+        if alive:
+            os.killpg(flow.pid, signal.SIGKILL)  # the whole process group, mid-stage: no clean-up runs anywhere
+        flow.wait()
+    killed = (tmp_path / "killed.log").read_text()
+    assert alive and checkpoint.exists() and (project / "out/.pretrain.staging").is_dir(), killed  # killed training
+    assert not (project / "out/pretrain/model").exists()
+
+    out = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    assert "pretrain: resumed from out/pretrain/checkpoints/last.pt at step " in text, text
+    assert (project / "out/pretrain/model/model.safetensors").is_file() and not checkpoint.exists()
+    assert not list(project.glob("out/.*.staging")) and not list(project.glob("out/*/.*.staging"))
+    from flows.lock import lock_path, project_lock
+
+    with project_lock(project, wait=False):  # no stale flow lock
+        pass
+    assert lock_path(project).read_text() == ""
+    assert "up to date" in _sh(project, sys.executable, "-m", "dvc", "status", "pretrain")
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("lmforge").experiment_id])
+    flows = sorted((r for r in runs if r.info.run_name == "lifecycle"), key=lambda r: r.info.start_time)
+    assert [r.info.status for r in flows] == ["FAILED", "FINISHED"]
+    assert "lmforge.abandoned" in flows[0].data.tags
+    stages = {(r.data.tags.get("mlflow.parentRunId"), r.info.run_name): r.info.status for r in runs
+              if r.info.run_name != "lifecycle"}
+    assert stages[(flows[0].info.run_id, "pretrain")] == "FAILED"  # the killed attempt, from its journal
+    assert stages[(flows[1].info.run_id, "pretrain")] == "FINISHED"
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]

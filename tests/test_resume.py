@@ -1,15 +1,19 @@
-"""A TRL stage resumes after a crash: sft, stopped after its checkpoint, run again with the same config, ends
-with the very weights an uninterrupted run ends with (CPU, deterministic), and says from which step it went on.
+"""The Trainer stages resume after a crash (tasks/resume.py): sft and dpo, stopped after their checkpoint and run
+again with the same config, end with the very weights (and dpo with the metrics) an uninterrupted run ends with
+(CPU, deterministic), and say from which step they went on; so does reward (weights); lora and grpo at least
+write a checkpoint, pick it up and finish the run from there.
 (pretrain's resume is tests/test_pretrain.py::test_resume_continues_the_same_run_only.)"""
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
-from tasks import finetune, sft
-from tasks.config import SftConfig
+from tasks import dpo, finetune, grpo, lora, resume, reward, sft
+from tasks.config import DpoConfig, GrpoConfig, LoraConfig, RewardConfig, SftConfig
 from tasks.stage import execute
 from tasks.tracking import NullTracker
 
@@ -71,10 +75,80 @@ def test_checkpoints_of_another_config_are_not_resumed(tiny_model_dir, tmp_path)
     checkpoints = tmp_path / "ck"
     (checkpoints / "checkpoint-3").mkdir(parents=True)
     (checkpoints / "fingerprint").write_text("written-by-another-run")
-    assert finetune.resume_point(checkpoints, "this-run") is None and not checkpoints.exists()
+    assert resume.resume_point(checkpoints, "this-run") is None and not checkpoints.exists()
 
 
 def _weights_of_base(folder):
     from safetensors.torch import load_file
 
     return load_file(folder / "model.safetensors")
+
+
+# ------------------------------------------------------------------------------- the other stages
+def _crash_then_resume(stage, fn, cfg, inputs, tmp_path, capfd, crash_at: int, checkpoint_at: int) -> dict:
+    """Run a stage that dies at step `crash_at` (any Trainer subclass: the callback goes in at Trainer.__init__),
+    check it left its checkpoint, run it again: returns the resumed run's metrics."""
+    checkpoints, out = tmp_path / "ck", tmp_path / "resumed"
+    init = Trainer.__init__
+
+    def crashing(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.add_callback(CrashAt(crash_at))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "__init__", crashing)
+        with pytest.raises(Killed):
+            execute(stage, fn, cfg, out, inputs, extra={"checkpoints": checkpoints}, tracker=NullTracker())
+    assert (checkpoints / f"checkpoint-{checkpoint_at}").is_dir() and not out.exists()
+    capfd.readouterr()
+    metrics = execute(stage, fn, cfg, out, inputs, extra={"checkpoints": checkpoints}, tracker=NullTracker())
+    said = f"{stage}: resuming from {checkpoints / f'checkpoint-{checkpoint_at}'} (step {checkpoint_at})"
+    assert said in capfd.readouterr().err
+    assert metrics["resumed_from_step"] == checkpoint_at and not checkpoints.exists()  # cleared once done
+    return metrics
+
+
+DPO = dict(train_pairs=32, test_pairs=8, test_prompts=8, max_steps=6, batch_size=8, lr=3e-3, warmup_steps=0,
+           log_every=1, eval_batch_size=8, max_new_tokens=4, num_threads=1, checkpoint_every=3)
+TIMINGS = {"train_s", "wall_time_s", "resumed_from_step"}
+
+
+def test_dpo_resumed_after_a_crash_ends_with_the_weights_and_metrics_of_an_uninterrupted_run(
+        tiny_model_dir, tiny_reward_dir, tmp_path, capfd):
+    cfg, inputs = DpoConfig(**DPO), {"policy": tiny_model_dir, "reward_model": tiny_reward_dir}
+    whole = execute("dpo", dpo.run, cfg, tmp_path / "whole", inputs, extra={"checkpoints": tmp_path / "ck-whole"},
+                    tracker=NullTracker())
+    resumed = _crash_then_resume("dpo", dpo.run, cfg, inputs, tmp_path, capfd, crash_at=4, checkpoint_at=3)
+    assert whole["resumed_from_step"] == 0 and resumed["steps"] == whole["steps"] == DPO["max_steps"]
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
+    # the killed attempt's logs are replayed, so even train_loss_first is the uninterrupted run's
+    assert {k: v for k, v in resumed.items() if k not in TIMINGS} == {k: v for k, v in whole.items() if k not in TIMINGS}
+
+
+def test_reward_resumed_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tiny_model_dir, tmp_path, capfd):
+    cfg, inputs = RewardConfig(train_pairs=32, test_pairs=8, gt_prompts=8, batch_size=8, epochs=1.0, lr=1e-3,
+                               eval_every=4, log_every=1, num_threads=1, checkpoint_every=2), {"sft": tiny_model_dir}
+    whole = execute("reward", reward.run, cfg, tmp_path / "whole", inputs, tracker=NullTracker())
+    metrics = _crash_then_resume("reward", reward.run, cfg, inputs, tmp_path, capfd, crash_at=3, checkpoint_at=2)
+    assert metrics["steps"] == 4 and metrics["train_loss_first"] == whole["train_loss_first"]
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
+
+
+def test_grpo_resumes_from_its_checkpoint_and_keeps_the_whole_curve(tiny_model_dir, tiny_reward_dir, tmp_path, capfd):
+    cfg = GrpoConfig(train_prompts=16, test_prompts=4, max_steps=3, prompts_per_step=2, group_size=4, response_length=4,
+                     lr=1e-3, warmup_steps=0, log_every=1, eval_batch_size=4, num_threads=1, checkpoint_every=2)
+    metrics = _crash_then_resume("grpo", grpo.run, cfg, {"policy": tiny_model_dir, "reward_model": tiny_reward_dir},
+                                 tmp_path, capfd, crash_at=3, checkpoint_at=2)
+    assert metrics["steps"] == 3
+    with (tmp_path / "resumed" / "curves.csv").open() as fh:
+        assert [int(r["step"]) for r in csv.DictReader(fh)] == [1, 2, 3]  # steps 1-2 from the killed attempt
+
+
+def test_lora_resumes_from_its_checkpoint(tiny_model_dir, tmp_path, capfd):
+    cfg = LoraConfig(train_examples=32, test_examples=8, max_steps=4, batch_size=8, lr=2e-2, warmup_steps=0, log_every=1,
+                     eval_batch_size=8, max_new_tokens=2, num_threads=1, r=4, alpha=8, checkpoint_every=2)
+    metrics = _crash_then_resume("lora", lora.run, cfg, {"base": tiny_model_dir}, tmp_path, capfd,
+                                 crash_at=3, checkpoint_at=2)
+    assert metrics["steps"] == 4 and (tmp_path / "resumed" / "adapter").is_dir()

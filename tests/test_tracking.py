@@ -152,3 +152,45 @@ def test_replay_batches_many_steps(store):
         tracking._client().search_runs([tracking._client().get_run(parent.run_id).info.experiment_id],
                                        "tags.mlflow.runName = 'pretrain'")[0].info.run_id, "loss")
     assert child["status"] == "FINISHED" and len(history) == 1500
+
+
+def test_runs_left_running_by_a_dead_process_are_marked_failed_by_the_next_flow_run(store, tmp_path):
+    """kill -9 leaves a run RUNNING that its dead owner will never end; the next flow run ends it FAILED, with the
+    killed stage's journal replayed under it. A live owner's run, another host's, or one with no owner tags stay."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    client = tracking._client()
+    exp = tracking._experiment_id(client, "exp")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = {tracking.HOST_TAG: socket.gethostname(), tracking.PID_TAG: str(gone.pid), tracking.PID_START_TAG: "1"}
+    journal = tmp_path / "journal-of-the-killed-flow"
+    journal.mkdir()
+    killed_stage = tracking.JournalTracker(journal, "pretrain", {"lmforge.stage": "pretrain"})
+    killed_stage.log_metrics({"loss": 3.0}, step=5)  # then kill -9: no "end" record
+
+    def run(name, tags):
+        return client.create_run(exp, run_name=name, tags=tags).info.run_id
+
+    killed_flow = run("lifecycle", {**dead, tracking.JOURNAL_TAG: str(journal)})
+    killed_alone = run("mix", dead)  # a `dvc repro` killed on its own
+    reused_pid = run("sft", {**tracking.owner_tags(), tracking.PID_START_TAG: "0"})  # our pid, another process's start
+    live = run("tokenizer", tracking.owner_tags())
+    elsewhere = run("lora", {**dead, tracking.HOST_TAG: "another-host"})
+    untagged = run("grpo", {})
+
+    with tracking.flow_run("lifecycle", "exp", {}) as parent:
+        assert parent.run_id
+    status = {r: client.get_run(r).info.status for r in (killed_flow, killed_alone, reused_pid, live, elsewhere, untagged)}
+    assert status == {killed_flow: "FAILED", killed_alone: "FAILED", reused_pid: "FAILED", live: "RUNNING",
+                      elsewhere: "RUNNING", untagged: "RUNNING"}
+    assert f"pid {gone.pid}" in client.get_run(killed_flow).data.tags[tracking.ABANDONED_TAG]
+    [stage] = tracking.stage_runs(killed_flow)  # the killed stage's own run, from its journal
+    assert stage["name"] == "pretrain" and stage["status"] == "FAILED" and stage["metrics"]["loss"] == 3.0
+    assert not journal.exists()
+    new = client.get_run(parent.run_id)
+    assert new.info.status == "FINISHED" and new.data.tags[tracking.PID_TAG] != str(os.getpid())  # its tracking process
+    assert set(new.data.tags["lmforge.ended_abandoned"].split(",")) == {killed_flow, killed_alone, reused_pid}
