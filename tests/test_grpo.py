@@ -42,7 +42,7 @@ def test_verify(reply, answer, ended, expected):
 def test_reward_functions_read_trl_batches(tiny_tokenizer):
     end = tiny_tokenizer.convert_tokens_to_ids("<|end|>")
     funcs, weights = grpo.reward_functions(tiny_tokenizer, GrpoConfig())
-    assert [f.__name__ for f in funcs] == ["correct", "partial", "format"] and weights == [1.0, 0.5, 0.2]
+    assert [f.__name__ for f in funcs] == ["correct", "partial", "format"] and weights == [1.0, 0.0, 0.2]
     completions = [[{"role": "assistant", "content": "12"}], [{"role": "assistant", "content": "13"}],
                    [{"role": "assistant", "content": "12"}]]
     ids = [[50, end], [51, end], [50, 52]]
