@@ -2,11 +2,12 @@
 
 Tasks (short answers a tiny model can learn; wording matches the arithmetic text in the pretraining mix):
 
-    add      "What is 23 + 45?"            -> "68"     operands 0..99
-    sub      "What is 45 - 23?"            -> "22"     operands 0..99, never negative
+    add      "What is 13 + 9?"             -> "22"     operands 0..20
+    sub      "What is 17 - 9?"             -> "8"      operands 0..20, never negative
     mul      "What is 7 times 8?"          -> "56"     operands 1..12
-    larger   "Which is larger, 17 or 42?"  -> "42"     distinct operands 0..99
-    repeat   "Repeat: red moon"            -> "red moon"   two distinct words from WORDS (a copy task)
+    larger   "Which is larger, 17 or 12?"  -> "17"     distinct operands 0..20
+    repeat   'Repeat: "red moon"'          -> "red moon"   two distinct words from WORDS (a copy task; quoted, so
+                                                           the first word is the same token in question and answer)
 
 Splits: a question belongs to "train" or "test" by a stable hash of its text (TEST_PERCENT of the
 question space is test), so the two splits never share a question whatever the seed or n.
@@ -33,7 +34,7 @@ from tasks.stage import InputError
 
 SPLITS = ("train", "test")
 TEST_PERCENT = 20
-MAX_ADD = 99
+MAX_ADD = 20  # 0..99 (before): SFT at this compute learned neither two-digit sums nor comparisons
 MAX_MUL = 12
 ROLES = ("system", "user", "assistant")
 KINDS = ("messages", "prompt_completion", "preference", "prompt")
@@ -66,7 +67,7 @@ def _larger(rng: random.Random) -> tuple[str, str, list[str]]:
 
 def _repeat(rng: random.Random) -> tuple[str, str, list[str]]:
     a, b, c = rng.sample(WORDS, 3)
-    return f"Repeat: {a} {b}", f"{a} {b}", [f"{b} {a}", f"{a} {c}", f"{c} {b}"]
+    return f'Repeat: "{a} {b}"', f"{a} {b}", [f"{b} {a}", f"{a} {c}", f"{c} {b}"]
 
 
 # name -> generator of (question, answer, answers to other operations on the same operands)

@@ -4,7 +4,8 @@ the caller can stop reading once it has enough (the standard library alone is ~1
     pydoc       English prose shipped with Python: the help() reference topics (pydoc_data), then the
                 docstrings of standard-library modules, classes and functions, one document per module
     stdlib      source code of the standard library (.py files; tests, site-packages, demos left out)
-    arithmetic  generated equations, questions with answers and word problems (seeded)
+    arithmetic  generated equations, questions with answers (a share in the post-training tasks' exact wording,
+                copy lines included) and word problems (seeded)
     files       local .txt (one document per file), .jsonl (one per line, field text_field) or .parquet
                 (column text_field): a file, a directory (searched recursively) or a glob
     hf          a Hugging Face dataset, streamed; only with mix.allow_network
@@ -115,8 +116,39 @@ HEADINGS = ["", "", "Arithmetic practice.", "Addition and subtraction:", "Questi
             "Times tables:", "Some sums:", "Word problems.", "Check the answers:"]
 
 
-def _arith_line(rng: random.Random, top: int) -> str:
+# words for the plain-text copy lines (a superset of posttrain_data.WORDS)
+COPY_WORDS = ("red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "book", "fish", "bird", "star", "rain",
+              "snow", "milk", "bread", "apple", "river", "stone", "cloud", "light", "house", "road", "ship", "hat",
+              "cup", "door", "key", "box", "pen", "lamp", "ring", "leaf", "rose", "bear", "frog", "boat", "bell",
+              "table", "chair", "window", "garden", "water", "fire", "wind", "hill", "sand", "gold", "glass", "rock")
+
+
+def _qa_line(rng: random.Random, top: int) -> str:
+    """A question in the exact wording of one of the post-training tasks, then its answer.
+
+    The copy line puts the answer on its own line, so its first word is the same token as in the quoted
+    question (a leading space would make it a different token) and as in a chat answer.
+    """
+    a, b = rng.randint(0, top), rng.randint(0, top)
+    hi, lo = max(a, b), min(a, b)
+    x, y = rng.randint(1, min(12, top)), rng.randint(1, min(12, top))
+    form = rng.randrange(5)
+    if form == 0 or (form == 3 and a == b):
+        return f"What is {a} + {b}? {a + b}."
+    if form == 1:
+        return f"What is {hi} - {lo}? {hi - lo}."
+    if form == 2:
+        return f"What is {x} times {y}? {x * y}."
+    if form == 3:
+        return f"Which is larger, {a} or {b}? {hi}."
+    words = " ".join(rng.sample(COPY_WORDS, 2))
+    return f'Repeat: "{words}"\n{words}'
+
+
+def _arith_line(rng: random.Random, top: int, qa_share: float = 0.0) -> str:
     """One line of arithmetic. Question wording matches the post-training tasks (What is a + b?)."""
+    if qa_share and rng.random() < qa_share:
+        return _qa_line(rng, top)
     a, b = rng.randint(0, top), rng.randint(0, top)
     hi, lo = max(a, b), min(a, b)
     x, y = rng.randint(1, min(12, top)), rng.randint(1, min(12, top))
@@ -158,7 +190,7 @@ def _arithmetic(cfg: MixConfig, src: SourceConfig) -> Iterator[str]:
         lines = [rng.choice(HEADINGS)]
         length = rng.randint(150, 400)
         while sum(map(len, lines)) < length:
-            lines.append(_arith_line(rng, cfg.arithmetic_max_operand))
+            lines.append(_arith_line(rng, cfg.arithmetic_max_operand, cfg.arithmetic_qa_share))
         yield "\n".join(lines).strip()
 
 

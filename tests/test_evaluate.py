@@ -12,7 +12,7 @@ from tasks.stage import InputError, execute
 
 TINY = dict(mc_questions=12, gen_questions=8, max_gen_tokens=4, cloze_items=8, cloze_source="prose", ppl_docs=3,
             ppl_max_chars=300, batch_size=8, num_threads=1)
-BUILTIN_COLUMNS = ("arith_mc.acc", "arith_mc.acc_norm", "arith_gen.exact_match", "cloze.acc", "cloze.perplexity",
+BUILTIN_COLUMNS = ("arith_mc.acc", "arith_mc.acc_norm", "arith_gen.exact_match", "cloze.acc", "cloze.acc_norm",
                    "ppl_prose.bits_per_byte", "ppl_arithmetic.bits_per_byte", "ppl_arithmetic.word_perplexity")
 
 
@@ -72,7 +72,7 @@ def test_every_builtin_task_runs_for_every_variant(evaluated):
         assert 0 <= row["arith_mc.acc"] <= 1 and 0 <= row["arith_gen.exact_match"] <= 1
         assert row["ppl_prose.bits_per_byte"] > 0
     assert table["rows"]["base"] == table["rows"]["sft"]  # same model, same items: same numbers
-    assert table["higher_is_better"]["arith_mc.acc"] is True and table["higher_is_better"]["cloze.perplexity"] is False
+    assert table["higher_is_better"]["arith_mc.acc"] is True and table["higher_is_better"]["cloze.acc_norm"] is True
     assert table["examples"]["arith_mc"] == TINY["mc_questions"] and table["examples"]["cloze"] == TINY["cloze_items"]
 
     gain = table["gains_over_base"]["sft"]["arith_mc.acc"]  # same model: no gain, an interval of width 0
@@ -170,6 +170,8 @@ def test_benchmark_items(tiny_corpus, tiny_tokenizer):
     assert gen[0]["prompt"] == f"<|user|>{gen[0]['question']}<|end|><|assistant|>"
     cloze = benchmarks.cloze_rows(tiny_corpus, "prose", 5, 60, seed=0)
     assert len(cloze) == 5 and all(c["target"] == " scopes" and len(c["context"]) <= 60 for c in cloze)
+    assert all(len(set(c["choices"])) == 4 and c["choices"][c["label"]] == " scopes" for c in cloze)
+    assert all(o.startswith(" ") and o.strip().lower() != "scopes" for c in cloze for i, o in enumerate(c["choices"]) if i != c["label"])
     assert scoring.arith_gen_results({"answer": "68"}, [" 68"]) == {"exact_match": 1.0}
     assert scoring.arith_gen_results({"answer": "68"}, ["6"]) == {"exact_match": 0.0}
 

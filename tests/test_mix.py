@@ -97,8 +97,8 @@ def test_builtin_mix_writes_corpus(builtin_run):
         assert s["proportion"] == pytest.approx(src.weight, abs=0.05), src.name
         assert s["chars_train"] <= s["target_chars"] and not s["exhausted"]
         assert s["docs_in"] >= s["docs_train"] + s["docs_val"]
-    texts = {d["source"]: d["text"] for d in train}
-    assert "def " in texts["stdlib"] or "class " in texts["stdlib"] or "import " in texts["stdlib"]
+    stdlib = "\n".join(d["text"] for d in train if d["source"] == "stdlib")
+    assert "def " in stdlib and "import " in stdlib
     arithmetic = "\n".join(corpus.iter_texts(out / "corpus", "train", "arithmetic"))
     assert " + " in arithmetic and " - " in arithmetic and " * " in arithmetic and "What is " in arithmetic
     rows = list(csv.DictReader((out / "mixture.csv").open()))
@@ -275,3 +275,27 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert mix.main(["--params", str(params), "--out", str(tmp_path / "out2")]) == 2
     assert f"{data}:2: not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists()
+
+
+def test_task_lines_are_right():
+    """The post-training task lines in the arithmetic text carry the right answers, in the tasks' wording."""
+    import re
+
+    from tasks import sources
+
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(300):
+        line = sources._qa_line(rng, 99)
+        if m := re.fullmatch(r"What is (\d+) (\+|-|times) (\d+)\? (\d+)\.", line):
+            a, op, b, c = m.groups()
+            assert int(c) == {"+": int(a) + int(b), "-": int(a) - int(b), "times": int(a) * int(b)}[op], line
+            seen.add(op)
+        elif m := re.fullmatch(r"Which is larger, (\d+) or (\d+)\? (\d+)\.", line):
+            assert int(m[3]) == max(int(m[1]), int(m[2])) and m[1] != m[2], line
+            seen.add("larger")
+        else:
+            question, answer = line.split("\n")
+            assert question == f'Repeat: "{answer}"' and len(answer.split()) == 2, line
+            seen.add("repeat")
+    assert seen == {"+", "-", "times", "larger", "repeat"}

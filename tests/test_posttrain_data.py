@@ -28,7 +28,7 @@ def test_answers_are_correct():
         q, a = r["messages"][0]["content"], r["messages"][1]["content"]
         assert a == r["answer"] and r["messages"][1]["role"] == "assistant"
         if r["task"] == "repeat":
-            assert q == f"Repeat: {a}" and len(set(a.split())) == 2
+            assert q == f'Repeat: "{a}"' and len(set(a.split())) == 2
             continue
         nums = [int(x) for x in q.replace("?", "").replace(",", "").split() if x.isdigit()]
         expected = {"add": lambda x, y: x + y, "sub": lambda x, y: x - y, "mul": lambda x, y: x * y,
