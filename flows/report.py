@@ -274,7 +274,7 @@ def section_alignment(r: Report) -> str | None:
                     "KL from start", "train s", "stage s"], rows)
     chosen = (_metrics(r.out, "quantize") or {}).get("policy")
     if chosen:
-        text += f"\nQuantised and handed on: **{chosen}** (quantize.model).\n"
+        text += f"\nQuantised and handed on: **{chosen}** (quantize.model).\n\n"
 
     def draw(ax):
         names = list(runs)
