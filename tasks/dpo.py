@@ -12,7 +12,6 @@ Output: out/model (policy, loads with `AutoModelForCausalLM`, tokenizer beside i
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,9 +20,8 @@ from tasks import distributed, posttrain_data, resume
 from tasks.callbacks import ForwardLogs
 from tasks.config import DpoConfig
 from tasks.models import load_tokenizer, set_generation_defaults
-from tasks.policy_eval import check_same_tokenizer, load_policy, measure, preference_accuracy
+from tasks.policy_eval import check_same_tokenizer, load_models, measure, preference_accuracy, write_samples
 from tasks.runtime import pick_device
-from tasks.scoring import load_reward_model
 from tasks.stats import paired_gain
 from tasks.stage import InputError, cli, write_meta
 from tasks.tracking import Tracker
@@ -104,9 +102,7 @@ def run(cfg: DpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker:
 
     device = pick_device(cfg.device, "dpo", cfg.num_threads)
     set_seed(cfg.seed)
-    model = load_policy(policy).to(device)
-    ref = load_policy(policy).to(device).eval().requires_grad_(False)
-    rm = load_reward_model(reward_model, tok.pad_token_id).to(device).eval().requires_grad_(False)
+    model, ref, rm = load_models(policy, reward_model, tok.pad_token_id, device)
     tracker.log_params({"n_params": sum(p.numel() for p in model.parameters()), "pairs_total": len(train),
                         "device_used": device.type})
     kw = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, reward_model=rm, seed=cfg.seed)
@@ -143,10 +139,7 @@ def run(cfg: DpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker:
         "test_prompts": len(test), "train_s": round(train_s, 2),
     }
 
-    with (out / "samples.jsonl").open("w") as fh:
-        for row, b, a in zip(test, samples_before, samples_after):
-            fh.write(json.dumps({"prompt": row["prompt"][-1]["content"], "answer": row["answer"],
-                                 "task": row["task"], "before": b, "after": a}) + "\n")
+    write_samples(out / "samples.jsonl", test, samples_before, samples_after)
     tracker.log_artifact(out / "samples.jsonl")
 
     model_dir = out / "model"

@@ -14,8 +14,6 @@ out/samples.jsonl.
 from __future__ import annotations
 
 import copy
-import csv
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,9 +23,9 @@ from tasks.callbacks import OnLog
 from tasks.chat import END
 from tasks.config import GrpoConfig
 from tasks.models import load_tokenizer, set_generation_defaults
-from tasks.policy_eval import check_same_tokenizer, load_policy, measure, query_ids
+from tasks.policy_eval import check_same_tokenizer, load_models, measure, query_ids, write_curves, write_samples
 from tasks.runtime import pick_device
-from tasks.scoring import load_reward_model, score_ids
+from tasks.scoring import score_ids
 from tasks.stats import paired_gain
 from tasks.stage import InputError, cli, write_meta
 from tasks.tracking import Tracker
@@ -160,9 +158,7 @@ def run(cfg: GrpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker
 
     device = pick_device(cfg.device, "grpo", cfg.num_threads)
     set_seed(cfg.seed)
-    model = load_policy(policy).to(device)
-    ref = load_policy(policy).to(device).eval().requires_grad_(False)
-    rm = load_reward_model(reward_model, tok.pad_token_id).to(device).eval().requires_grad_(False)
+    model, ref, rm = load_models(policy, reward_model, tok.pad_token_id, device)
     tracker.log_params({"n_params": sum(p.numel() for p in model.parameters()), "prompts_total": len(rows),
                         "device_used": device.type})
     kw = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.response_length, reward_model=rm, seed=cfg.seed)
@@ -205,18 +201,8 @@ def run(cfg: GrpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker
         "train_prompts": len(rows), "test_prompts": len(test), "train_s": round(train_s, 2),
     }
 
-    if curves:
-        columns = ["step", *dict.fromkeys(k for r in curves for k in r if k != "step")]
-        with (out / "curves.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(curves)
-    else:  # dvc.yaml declares the file; an empty table says no step was logged
-        (out / "curves.csv").write_text("step\n")
-    with (out / "samples.jsonl").open("w") as fh:
-        for row, b, a in zip(test, samples_before, samples_after):
-            fh.write(json.dumps({"prompt": row["prompt"][-1]["content"], "answer": row["answer"],
-                                 "task": row["task"], "before": b, "after": a}) + "\n")
+    write_curves(out / "curves.csv", curves)  # dvc.yaml declares it: with no step logged, just the header
+    write_samples(out / "samples.jsonl", test, samples_before, samples_after)
     tracker.log_artifact(out / "curves.csv")
     tracker.log_artifact(out / "samples.jsonl")
 

@@ -9,6 +9,8 @@ and far less noisy than summed log-ratios.
 
 from __future__ import annotations
 
+import csv
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,6 +27,16 @@ def load_policy(path: Path):
     if not (Path(path) / "config.json").exists():
         raise InputError(f"{path}: not a model folder (no config.json; run the stage that makes the policy)")
     return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+
+
+def load_models(policy: Path, reward_model: Path, pad_token_id: int, device):
+    """(trainable policy, frozen copy of it as the reference, frozen reward model), all on `device`."""
+    from tasks.scoring import load_reward_model
+
+    model = load_policy(policy).to(device)
+    ref = load_policy(policy).to(device).eval().requires_grad_(False)
+    rm = load_reward_model(reward_model, pad_token_id).to(device).eval().requires_grad_(False)
+    return model, ref, rm
 
 
 def check_same_tokenizer(tok, policy: Path, reward_model: Path) -> None:
@@ -157,3 +169,20 @@ def measure(policy, tokenizer, rows: list[dict], *, batch_size: int, max_new_tok
         metrics[f"kl_ref{suffix}"] = round(kl_along(policy, ref, queries, sampled, pad_id, batch_size).mean().item(), 4)
     samples = [{"text": t, "rm_score": s, "correct": c} for t, s, c in zip(texts, scores, correct)]
     return metrics, samples
+
+
+def write_samples(path: Path, rows: list[dict], before: list[dict], after: list[dict]) -> None:
+    """One JSON line per held-out prompt: its question, answer and task, and the policy's reply before and after."""
+    with Path(path).open("w") as fh:
+        for row, b, a in zip(rows, before, after):
+            fh.write(json.dumps({"prompt": row["prompt"][-1]["content"], "answer": row["answer"],
+                                 "task": row["task"], "before": b, "after": a}) + "\n")
+
+
+def write_curves(path: Path, rows: list[dict]) -> None:
+    """Training curves as CSV: a step column, then every logged figure (just the header when none was logged)."""
+    columns = ["step", *dict.fromkeys(k for r in rows for k in r if k != "step")]
+    with Path(path).open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)

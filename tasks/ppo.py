@@ -12,8 +12,6 @@ out/samples.jsonl.
 
 from __future__ import annotations
 
-import csv
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +23,7 @@ from tasks.config import PpoConfig
 from tasks.callbacks import OnLog
 from tasks.models import load_tokenizer
 from tasks.runtime import pick_device
-from tasks.policy_eval import check_same_tokenizer, load_policy, measure, query_ids
+from tasks.policy_eval import check_same_tokenizer, load_models, measure, query_ids, write_curves, write_samples
 from tasks.scoring import ACCURACY_KEY, load_reward_model
 from tasks.stats import paired_gain
 from tasks.stage import META_FILE, InputError, cli, read_json, write_meta
@@ -69,14 +67,6 @@ def evaluate(policy, reward_model, tokenizer, rows: list[dict], cfg: PpoConfig, 
                    suffix=suffix, reward_model=reward_model, ref=ref, seed=cfg.seed, temperature=cfg.eval_temperature)
 
 
-def write_curves(path: Path, rows: list[dict]) -> None:
-    columns = ["step", *dict.fromkeys(k for r in rows for k in r if k != "step")]
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 # -------------------------------------------------------------------------------------------- stage
 def run(cfg: PpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker: Tracker) -> dict:
     """PPO against the reward model with a KL penalty to the starting policy."""
@@ -87,9 +77,7 @@ def run(cfg: PpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker:
     test = posttrain_data.prompts("test", cfg.test_prompts, cfg.seed)
 
     device = pick_device(cfg.device, "ppo", cfg.num_threads)
-    model = load_policy(policy).to(device)
-    ref = load_policy(policy).to(device).eval().requires_grad_(False)
-    rm = load_reward_model(reward_model, tok.pad_token_id).to(device).eval().requires_grad_(False)
+    model, ref, rm = load_models(policy, reward_model, tok.pad_token_id, device)
     value = load_reward_model(reward_model, tok.pad_token_id).to(device)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # names unlike the config keys: MLflow refuses to log a param twice with a different value
@@ -137,10 +125,7 @@ def run(cfg: PpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker:
     }
 
     write_curves(out / "curves.csv", curves)
-    with (out / "samples.jsonl").open("w") as fh:
-        for row, b, a in zip(test, samples_before, samples_after):
-            fh.write(json.dumps({"prompt": row["prompt"][-1]["content"], "answer": row["answer"],
-                                 "task": row["task"], "before": b, "after": a}) + "\n")
+    write_samples(out / "samples.jsonl", test, samples_before, samples_after)
     tracker.log_artifact(out / "curves.csv")
     tracker.log_artifact(out / "samples.jsonl")
 
