@@ -128,11 +128,12 @@ def preference_accuracy(model, tokenizer, pairs: list[dict], batch_size: int = 6
     from tasks.scoring import chat_ids
 
     queries = [query_ids(tokenizer, p["prompt"]) for p in pairs]
-    def tail(p, key):
-        full = chat_ids(tokenizer, p["prompt"] + p[key])
-        return full[len(query_ids(tokenizer, p["prompt"])):]
-    chosen = reply_logprobs(model, queries, [tail(p, "chosen") for p in pairs], tokenizer.pad_token_id, batch_size)
-    rejected = reply_logprobs(model, queries, [tail(p, "rejected") for p in pairs], tokenizer.pad_token_id, batch_size)
+
+    def replies_of(key: str) -> list[list[int]]:  # the reply's tokens: the conversation past its prompt
+        return [chat_ids(tokenizer, p["prompt"] + p[key])[len(q):] for p, q in zip(pairs, queries)]
+
+    chosen = reply_logprobs(model, queries, replies_of("chosen"), tokenizer.pad_token_id, batch_size)
+    rejected = reply_logprobs(model, queries, replies_of("rejected"), tokenizer.pad_token_id, batch_size)
     return round((chosen > rejected).float().mean().item(), 4)
 
 
