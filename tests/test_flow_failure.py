@@ -85,14 +85,21 @@ def test_a_dvc_run_killed_with_sigkill_leaves_no_lock_that_blocks_the_next(proje
     import signal
     import time
 
+    import psutil
+
     dvc_yaml = project / "dvc.yaml"
     dvc_yaml.write_text(dvc_yaml.read_text().replace("stages:\n", "stages:\n  hang:\n    cmd: test -f go || sleep 60;"
                                                       " mkdir -p out/hang\n    deps: [notes]\n    outs: [out/hang]\n", 1))
     hung = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "hang"], cwd=project, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     rwlock = project / ".dvc/tmp/rwlock"
+
+    def running() -> bool:  # the stage's command started: DVC is done rewriting its lock file (a kill mid-rewrite
+        # leaves it empty, as CI once saw)
+        return any(c.name() == "sleep" for c in psutil.Process(hung.pid).children(recursive=True))
+
     deadline = time.monotonic() + 60
-    while not (rwlock.exists() and str(hung.pid) in rwlock.read_text()) and time.monotonic() < deadline:
+    while not (running() and rwlock.exists() and str(hung.pid) in rwlock.read_text()) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert str(hung.pid) in rwlock.read_text()  # it holds notes/ for reading, out/hang for writing
     os.killpg(hung.pid, signal.SIGKILL)  # kill -9 of the whole process group, no clean-up runs
