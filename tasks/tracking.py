@@ -546,7 +546,17 @@ def _experiment_id(client, name: str) -> str:
     location = None
     if not os.environ.get("MLFLOW_TRACKING_URI"):  # local default: artifacts beside the database
         location = (project_root() / "mlartifacts" / name).as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as err:  # another process (a teammate's flow) created it between our lookup and now
+        if getattr(err, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+            raise
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def git_commit(root: str | Path = ".") -> str:

@@ -194,3 +194,31 @@ def test_runs_left_running_by_a_dead_process_are_marked_failed_by_the_next_flow_
     new = client.get_run(parent.run_id)
     assert new.info.status == "FINISHED" and new.data.tags[tracking.PID_TAG] != str(os.getpid())  # its tracking process
     assert set(new.data.tags["lmforge.ended_abandoned"].split(",")) == {killed_flow, killed_alone, reused_pid}
+
+
+def test_an_experiment_created_by_another_process_meanwhile_is_used_not_an_error():
+    """Two flows on a team server look up a new experiment at once: both miss it, one creates it, and the
+    other's create is refused with RESOURCE_ALREADY_EXISTS (seen on CI); the loser uses the winner's."""
+    from types import SimpleNamespace
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS
+
+    class Racing:
+        lookups = 0
+
+        def get_experiment_by_name(self, name):
+            self.lookups += 1
+            return None if self.lookups == 1 else SimpleNamespace(experiment_id="7")
+
+        def create_experiment(self, name, artifact_location=None):
+            raise MlflowException(f"Experiment(name={name}) already exists", error_code=RESOURCE_ALREADY_EXISTS)
+
+    assert tracking._experiment_id(Racing(), "team-concurrent") == "7"
+
+    class Broken(Racing):
+        def create_experiment(self, name, artifact_location=None):
+            raise MlflowException("database is down")
+
+    with pytest.raises(MlflowException, match="database is down"):
+        tracking._experiment_id(Broken(), "x")
