@@ -288,6 +288,7 @@ class PpoConfig(_Section):
     )
     eval_temperature: float = F(0.0, "before/after evaluation: 0 = greedy, > 0 samples with the stage seed", ge=0)
     eval_batch_size: int = F(64, "prompts per batch in the before/after evaluation", ge=1)
+    checkpoint_every: int = F(5, "updates between resumable checkpoints (in --checkpoints; a rerun resumes the last); 0: none", ge=0)
     device: Literal["auto", "cpu", "cuda"] = F("auto", "auto picks cuda when available")
     num_threads: int = F(0, "CPU threads for torch; 0 leaves torch's default")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tasks import posttrain_data, ppo_backend
+from tasks import posttrain_data, ppo_backend, resume
 from tasks.config import PpoConfig
 from tasks.callbacks import OnLog
 from tasks.models import load_tokenizer
@@ -68,8 +68,10 @@ def evaluate(policy, reward_model, tokenizer, rows: list[dict], cfg: PpoConfig, 
 
 
 # -------------------------------------------------------------------------------------------- stage
-def run(cfg: PpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker: Tracker) -> dict:
-    """PPO against the reward model with a KL penalty to the starting policy."""
+def run(cfg: PpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker: Tracker,
+        checkpoints: Path | None = None) -> dict:
+    """PPO against the reward model with a KL penalty to the starting policy. With `checkpoints` (scratch, see
+    tasks.resume) a rerun of the same run goes on from the last checkpoint there."""
     gate = check_gate(cfg, reward_model)  # before anything heavy
     tok = load_tokenizer(policy)
     check_same_tokenizer(tok, policy, reward_model)
@@ -98,13 +100,17 @@ def run(cfg: PpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker:
         # "rollout/": statistics of each update's rollouts, unlike the held-out rm_score at the end
         tracker.log_metrics({f"rollout/{k}": v for k, v in row.items() if k != "step"}, step=step)
 
+    checkpoint = resume.start("ppo", checkpoints, resume.fingerprint(cfg, [policy, reward_model], prompts))
+    on_log = OnLog(collect)
+    on_log.replay(resume.earlier_logs(checkpoint))  # the killed attempt's updates: curves and tracked metrics whole
     t0 = time.perf_counter()
     ppo_backend.train(
         policy=model, ref_policy=ref, reward_model=rm, value_model=value, tokenizer=tok,
         queries=[query_ids(tok, p) for p in prompts], cfg=cfg, device=device.type,
-        callbacks=[OnLog(collect)],
+        callbacks=[on_log], checkpoints=checkpoints, resume_from=checkpoint,
     )
     train_s = time.perf_counter() - t0
+    resume.finish(checkpoints)
     changed = any(not torch.equal(v, start[k]) for k, v in model.state_dict().items())
 
     after, samples_after = evaluate(model, rm, tok, test, cfg, "", ref=ref)  # the runner logs the final metrics
@@ -122,6 +128,7 @@ def run(cfg: PpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker:
         "weights_changed": changed,
         "steps": cfg.steps, "episodes": cfg.steps * cfg.batch_size, "train_prompts": len(prompts),
         "test_prompts": len(test), "train_s": round(train_s, 2), "reward_accuracy_gate": gate,
+        "resumed_from_step": resume.step_of(checkpoint),
     }
 
     write_curves(out / "curves.csv", curves)
@@ -137,7 +144,8 @@ def run(cfg: PpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli("ppo", run, inputs=("policy", "reward_model"), argv=argv)
+    return cli("ppo", run, inputs=("policy", "reward_model"), argv=argv, options={
+        "checkpoints": {"type": Path, "default": None, "help": "scratch folder for resumable checkpoints (not an output)"}})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The Trainer stages resume after a crash (tasks/resume.py): sft and dpo, stopped after their checkpoint and run
 again with the same config, end with the very weights (and dpo with the metrics) an uninterrupted run ends with
-(CPU, deterministic), and say from which step they went on; so does reward (weights); lora and grpo at least
-write a checkpoint, pick it up and finish the run from there.
+(CPU, deterministic), and say from which step they went on; so do reward (weights) and ppo (weights, metrics,
+curves: its own checkpoints, tasks/ppo_backend.py); lora and grpo at least write a checkpoint, pick it up and
+finish the run from there.
 (pretrain's resume is tests/test_pretrain.py::test_resume_continues_the_same_run_only.)"""
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback
 
-from tasks import dpo, finetune, grpo, lora, resume, reward, sft
-from tasks.config import DpoConfig, GrpoConfig, LoraConfig, RewardConfig, SftConfig
+from tasks import dpo, finetune, grpo, lora, ppo, ppo_backend, resume, reward, sft
+from tasks.config import DpoConfig, GrpoConfig, LoraConfig, PpoConfig, RewardConfig, SftConfig
 from tasks.stage import execute
 from tasks.tracking import NullTracker
 
@@ -152,3 +153,34 @@ def test_lora_resumes_from_its_checkpoint(tiny_model_dir, tmp_path, capfd):
     metrics = _crash_then_resume("lora", lora.run, cfg, {"base": tiny_model_dir}, tmp_path, capfd,
                                  crash_at=3, checkpoint_at=2)
     assert metrics["steps"] == 4 and (tmp_path / "resumed" / "adapter").is_dir()
+
+
+def test_ppo_resumed_after_a_crash_ends_with_the_weights_metrics_and_curves_of_an_uninterrupted_run(
+        tiny_model_dir, tiny_reward_dir, tmp_path, monkeypatch, capfd):
+    """TRL's PPOTrainer has no resume of its own: the checkpoint holds policy, value model, optimizer, scheduler,
+    RNG (torch, numpy, python) and logs, and the batch order is a function of the update alone."""
+    cfg = PpoConfig(train_prompts=16, test_prompts=8, steps=5, batch_size=4, mini_batches=2, ppo_epochs=1,
+                    response_length=4, lr=1e-3, eval_batch_size=8, num_threads=1, checkpoint_every=2)
+    inputs = {"policy": tiny_model_dir, "reward_model": tiny_reward_dir}
+    whole = execute("ppo", ppo.run, cfg, tmp_path / "whole", inputs, extra={"checkpoints": tmp_path / "ck-whole"},
+                    tracker=NullTracker())
+    assert whole["resumed_from_step"] == 0 and not (tmp_path / "ck-whole").exists()
+
+    checkpoints, out = tmp_path / "ck", tmp_path / "resumed"
+    train = ppo_backend.train
+    monkeypatch.setattr(ppo_backend, "train", lambda **kw: train(**{**kw, "callbacks": [*kw["callbacks"], CrashAt(3)]}))
+    with pytest.raises(Killed):
+        execute("ppo", ppo.run, cfg, out, inputs, extra={"checkpoints": checkpoints}, tracker=NullTracker())
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "fingerprint"] and not out.exists()
+    monkeypatch.setattr(ppo_backend, "train", train)
+    capfd.readouterr()
+
+    resumed = execute("ppo", ppo.run, cfg, out, inputs, extra={"checkpoints": checkpoints}, tracker=NullTracker())
+    assert f"ppo: resuming from {checkpoints / 'checkpoint-2'} (step 2)" in capfd.readouterr().err
+    assert resumed["resumed_from_step"] == 2 and not checkpoints.exists()
+    a, b = _weights(tmp_path / "whole"), _weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
+    assert {k: v for k, v in resumed.items() if k not in TIMINGS} == {k: v for k, v in whole.items() if k not in TIMINGS}
+    curves = [list(csv.DictReader((folder / "curves.csv").open())) for folder in (tmp_path / "whole", out)]
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "eps"} for r in rows]  # noqa: E731 (episodes/s: timing)
+    assert [int(r["step"]) for r in curves[1]] == [1, 2, 3, 4, 5] and drop(curves[0]) == drop(curves[1])
