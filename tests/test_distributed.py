@@ -139,3 +139,15 @@ def test_sft_under_accelerate_with_two_processes(tiny_model_dir, tmp_path):
     # gradient weights sequences slightly differently than one process does: held-out loss within 5%
     assert two["final_eval_loss"] < two["base_eval_loss"]
     assert two["final_eval_loss"] == pytest.approx(one["final_eval_loss"], rel=0.05)
+
+
+def test_ppo_with_two_processes_checkpoints_and_finishes(tiny_model_dir, tiny_reward_dir, tmp_path):
+    """TRL's PPOTrainer under torchrun, with lmforge's checkpoints (every process writes its RNG state, then
+    the main one publishes the folder; tasks/ppo_backend.py): the run completes, trains, and clears them."""
+    params = write_params(tmp_path / "params.yaml", nproc=2)
+    out, checkpoints = tmp_path / "ppo", tmp_path / "ck"
+    stage("ppo", params, "--policy", str(tiny_model_dir), "--reward-model", str(tiny_reward_dir),
+          "--checkpoints", str(checkpoints), "--out", str(out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["weights_changed"] is True and metrics["steps"] == 4 and not checkpoints.exists()
+    assert [int(r["step"]) for r in csv.DictReader((out / "curves.csv").open())] == [1, 2, 3, 4]
