@@ -11,7 +11,8 @@ replays each stage's journal into a run nested under the flow's run while the ne
 
 Every run is tagged with the process that created it and will end it (host, pid, its start time). A run that
 process left RUNNING when it died (kill -9) would stay RUNNING forever: the next flow run of the experiment
-marks it FAILED, after replaying the killed flow's leftover stage journals under it (`end_abandoned`).
+marks it FAILED, after replaying the killed flow's leftover stage journals under it (`end_abandoned`); so
+does the next stage run on its own (`dvc repro`), whose tracker does the same as it connects.
 """
 
 from __future__ import annotations
@@ -486,7 +487,7 @@ def end_abandoned(client, experiment_id: str) -> list[str]:
                 tracker.replay(path, {})
             shutil.rmtree(journal, ignore_errors=True)
         client.set_tag(run.info.run_id, ABANDONED_TAG,
-                       f"pid {tags[PID_TAG]} on {host} ended without closing this run (killed?); the next flow run marked it FAILED")
+                       f"pid {tags[PID_TAG]} on {host} ended without closing this run (killed?); the next run marked it FAILED")
         client.set_terminated(run.info.run_id, "FAILED")
         ended.append(run.info.run_id)
     return ended
@@ -571,6 +572,9 @@ def _connect(name: str, tags: Mapping[str, str], parent: str | None, experiment:
     client = _client()
     exp_id = _experiment_id(client, experiment)
     all_tags = {"lmforge.git_commit": git_commit(project_root()), **tags, **owner_tags()}
+    ended = _end_abandoned_quietly(client, exp_id)  # a stage of a bare `dvc repro` ends what killed runs left too
+    if ended:
+        all_tags["lmforge.ended_abandoned"] = ",".join(ended[:100])
     if parent:
         all_tags["mlflow.parentRunId"] = parent
     run = client.create_run(exp_id, run_name=name, tags={k: redact(str(v)) for k, v in all_tags.items()})

@@ -128,7 +128,8 @@ def test_the_flow_cli_reports_bad_params_in_one_line_before_prefect_starts(tmp_p
 def test_a_flow_killed_with_sigkill_mid_stage_completes_when_run_again(project, tmp_path):
     """kill -9 of the flow's whole process group (flow, Prefect, DVC, the stage, the tracking process) while pretrain
     trains, then the same command: the run completes (pretrain resumes from its checkpoint), no staging folder or
-    lock is left, and MLflow holds the killed attempt as FAILED runs (the flow's and the stage's), none RUNNING."""
+    lock is left, MLflow holds the killed attempt as FAILED runs (the flow's and the stage's), none RUNNING, and
+    the published model is bit-identical to an uninterrupted run's (metrics and curves equal but for timings)."""
     import signal
     import time
 
@@ -177,3 +178,20 @@ def test_a_flow_killed_with_sigkill_mid_stage_completes_when_run_again(project, 
     assert stages[(flows[0].info.run_id, "pretrain")] == "FAILED"  # the killed attempt, from its journal
     assert stages[(flows[1].info.run_id, "pretrain")] == "FINISHED"
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+
+    # what the killed-and-resumed run published equals what one uninterrupted run of the stage publishes
+    whole = tmp_path / "whole"
+    subprocess.run([sys.executable, "-m", "tasks.pretrain", "--corpus", "out/mix/corpus", "--tokenizer",
+                    "out/tokenizer/tokenizer", "--out", str(whole)], cwd=project, check=True, timeout=300,
+                   env={**env, "LMFORGE_TRACKING": "off"}, capture_output=True)
+    published = project / "out/pretrain"
+    for name in ("model/model.safetensors", "model/config.json", "model/tokenizer.json"):
+        assert (published / name).read_bytes() == (whole / name).read_bytes(), name  # bit-identical
+    same = lambda m: {k: v for k, v in m.items()  # noqa: E731 (all but timings and where it resumed)
+                      if not (k.endswith("_s") or k == "resumed_from_step")}
+    assert same(json.loads((published / "metrics.json").read_text())) == same(json.loads((whole / "metrics.json").read_text()))
+    for curve in ("train.csv", "val.csv"):
+        import csv
+
+        rows = [[same(r) for r in csv.DictReader((folder / "curves" / curve).open())] for folder in (published, whole)]
+        assert rows[0] == rows[1], curve

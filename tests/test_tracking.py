@@ -222,3 +222,26 @@ def test_an_experiment_created_by_another_process_meanwhile_is_used_not_an_error
 
     with pytest.raises(MlflowException, match="database is down"):
         tracking._experiment_id(Broken(), "x")
+
+
+def test_a_stage_run_on_its_own_ends_runs_a_killed_dvc_repro_left_running(store, monkeypatch):
+    """Without a flow (plain `dvc repro`), the next stage run marks a dead process's RUNNING run FAILED as it
+    connects; a live process's run stays."""
+    import socket
+    import subprocess
+    import sys
+
+    monkeypatch.setenv(tracking.EXPERIMENT_ENV, "solo")
+    client = tracking._client()
+    exp = tracking._experiment_id(client, "solo")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = {tracking.HOST_TAG: socket.gethostname(), tracking.PID_TAG: str(gone.pid), tracking.PID_START_TAG: "1"}
+    killed = client.create_run(exp, run_name="pretrain", tags=dead).info.run_id
+    live = client.create_run(exp, run_name="sft", tags=tracking.owner_tags()).info.run_id
+    with tracking.stage_run("pretrain", {"lr": 0.1}) as tracker:
+        tracker.log_metrics({"loss": 1.0}, step=1)
+    assert client.get_run(killed).info.status == "FAILED" and client.get_run(live).info.status == "RUNNING"
+    assert "the next run marked it FAILED" in client.get_run(killed).data.tags[tracking.ABANDONED_TAG]
+    [new] = [r for r in client.search_runs([exp]) if r.info.run_id not in (killed, live)]
+    assert new.info.status == "FINISHED" and new.data.tags["lmforge.ended_abandoned"] == killed
