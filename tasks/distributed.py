@@ -137,11 +137,19 @@ def init(device) -> None:
     dist.init_process_group(backend=backend)
 
 
-def close() -> None:
+def barrier() -> None:
+    """Wait for every process (no-op with one process)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def close() -> None:
+    import torch.distributed as dist
+
+    barrier()
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

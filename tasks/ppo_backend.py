@@ -152,11 +152,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 class Checkpoints(TrainerCallback):
     """Every `every` updates (not after the last): policy and value weights (safetensors), optimizer and
     scheduler state, every process's RNG state and the logs so far, in `folder`/checkpoint-<update>. Written in
@@ -179,7 +174,7 @@ class Checkpoints(TrainerCallback):
         if distributed.is_main():
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
-        _barrier()
+        distributed.barrier()
         torch.save(_rng_state(), partial / f"rng-{distributed.rank()}.pt")
         if distributed.is_main():
             save_model(self.policy, str(partial / "policy.safetensors"))
@@ -188,7 +183,7 @@ class Checkpoints(TrainerCallback):
             torch.save(lr_scheduler.state_dict(), partial / "scheduler.pt")
             # tasks.resume.earlier_logs reads the curve up to here from this file, as from a Trainer checkpoint's
             (partial / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": state.log_history}))
-        _barrier()
+        distributed.barrier()
         if distributed.is_main():
             os.replace(partial, self.folder / f"checkpoint-{step}")
             for old in self.folder.glob("checkpoint-*"):

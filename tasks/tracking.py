@@ -418,9 +418,7 @@ def _serve() -> None:
                     experiment_id = _experiment_id(client, args[0])
                 elif op == "start":
                     ended = _end_abandoned_quietly(client, experiment_id)  # a flow run starts: earlier ones are over
-                    tags = redact({"lmforge.git_commit": git_commit(project_root()), **args[1], **owner_tags()})
-                    if ended:
-                        tags["lmforge.ended_abandoned"] = ",".join(ended[:100])  # within MLflow's tag size
+                    tags = redact({"lmforge.git_commit": git_commit(project_root()), **args[1], **owner_tags(), **ended})
                     run = client.create_run(experiment_id, run_name=args[0], tags=tags)
                     tracker = MlflowTracker(client, run.info.run_id, experiment_id)
                 elif op == "run_id":
@@ -493,12 +491,14 @@ def end_abandoned(client, experiment_id: str) -> list[str]:
     return ended
 
 
-def _end_abandoned_quietly(client, experiment_id: str) -> list[str]:
+def _end_abandoned_quietly(client, experiment_id: str) -> dict[str, str]:
+    """`end_abandoned` before a new run is created; the tag that lists what it ended, for that run (none: {})."""
     try:
-        return end_abandoned(client, experiment_id)
+        ended = end_abandoned(client, experiment_id)
     except Exception as err:  # noqa: BLE001 - housekeeping: it must not cost the new run its tracking
         print(redact(f"lmforge: could not end abandoned MLflow runs: {type(err).__name__}: {err}"), file=sys.stderr)
-        return []
+        ended = []
+    return {"lmforge.ended_abandoned": ",".join(ended[:100])} if ended else {}  # within MLflow's tag size
 
 
 # ------------------------------------------------------------------------------------------- set-up
@@ -571,10 +571,8 @@ def git_commit(root: str | Path = ".") -> str:
 def _connect(name: str, tags: Mapping[str, str], parent: str | None, experiment: str) -> MlflowTracker:
     client = _client()
     exp_id = _experiment_id(client, experiment)
-    all_tags = {"lmforge.git_commit": git_commit(project_root()), **tags, **owner_tags()}
     ended = _end_abandoned_quietly(client, exp_id)  # a stage of a bare `dvc repro` ends what killed runs left too
-    if ended:
-        all_tags["lmforge.ended_abandoned"] = ",".join(ended[:100])
+    all_tags = {"lmforge.git_commit": git_commit(project_root()), **tags, **owner_tags(), **ended}
     if parent:
         all_tags["mlflow.parentRunId"] = parent
     run = client.create_run(exp_id, run_name=name, tags={k: redact(str(v)) for k, v in all_tags.items()})

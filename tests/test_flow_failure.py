@@ -5,6 +5,7 @@ pretrain for a flow killed with kill -9 mid-stage)."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -191,7 +192,5 @@ def test_a_flow_killed_with_sigkill_mid_stage_completes_when_run_again(project, 
                       if not (k.endswith("_s") or k == "resumed_from_step")}
     assert same(json.loads((published / "metrics.json").read_text())) == same(json.loads((whole / "metrics.json").read_text()))
     for curve in ("train.csv", "val.csv"):
-        import csv
-
         rows = [[same(r) for r in csv.DictReader((folder / "curves" / curve).open())] for folder in (published, whole)]
         assert rows[0] == rows[1], curve
