@@ -85,11 +85,11 @@ bench: $(STAMP)
 
 # What this machine offers and what lmforge will use, on one screen.
 doctor: $(STAMP)
-	@$(BIN)/python -m tasks.doctor
+	@$(BIN)/python -m lmforge.cli.doctor
 
 # Rewrite params.yaml from a preset without running anything.
 params: $(STAMP)
-	$(BIN)/python -m tasks.preset $(or $(PRESET),default)
+	$(BIN)/python -m lmforge.cli.preset $(or $(PRESET),default)
 
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PROJECT_FILES = ("tasks", "flows", "configs", "dvc.yaml", "params.yaml")
+PROJECT_FILES = ("tasks", "lmforge", "flows", "configs", "dvc.yaml", "params.yaml")
 
 
 class BenchError(RuntimeError):
@@ -265,9 +265,10 @@ class Context:
         self._cache["data"] = (Path(corpus), Path(tokenizer))
 
     def _make_data(self) -> tuple[Path, Path]:
-        from tasks import mix, tokenizer
-        from tasks.stage import execute
-        from tasks.tracking import NullTracker
+        from tasks import mix
+        from tasks import tokenizer
+        from lmforge.stage import execute
+        from lmforge.tracking import NullTracker
 
         mix_cfg = self.stage_config(self.sizes.data_preset, "mix")
         tok_cfg = self.stage_config(self.sizes.data_preset, "tokenizer")
@@ -281,7 +282,7 @@ class Context:
 
     def stage_config(self, preset: str, stage: str):
         """One section of a preset (typed defaults + configs/<preset>.yaml); only that section is validated."""
-        from tasks.config import parse_section, read_yaml
+        from lmforge.config import parse_section, read_yaml
 
         path = ROOT / "configs" / f"{preset}.yaml"
         return parse_section(stage, (read_yaml(path) or {}).get(stage) or {}, str(path))
@@ -303,7 +304,7 @@ def make_project(root: Path, preset: str) -> Path:
     env = base_env()
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "bench@lmforge.invalid"],
                 ["git", "config", "user.name", "bench"], [sys.executable, "-m", "dvc", "init", "-q"],
-                [sys.executable, "-m", "tasks.preset", preset], ["git", "add", "-A"],
+                [sys.executable, "-m", "lmforge.cli.preset", preset], ["git", "add", "-A"],
                 ["git", "commit", "-qm", "bench project"]):
         run_cmd(cmd, root, env, timeout=300)
     return root

@@ -12,7 +12,7 @@ PACKAGES = ("torch", "transformers", "tokenizers", "trl", "peft", "accelerate", 
 
 
 def cpu_model() -> str:
-    from tasks.doctor import cpu_name
+    from lmforge.cli.doctor import cpu_name
 
     return cpu_name()
 

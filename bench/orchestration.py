@@ -4,7 +4,7 @@
     running Prefect server, vs a bare `dvc repro` of the same pipeline (both fresh interpreters).
 5b. Prefect's own start-up, reported apart: import time, server start-up, ephemeral-server cost.
 6.  Per stage: the marginal wall time of running one stage through the flow (flow with the stage
-    re-run minus flow with it cached) vs `tasks.stage.execute` of the same stage with a NullTracker.
+    re-run minus flow with it cached) vs `lmforge.stage.execute` of the same stage with a NullTracker.
 
 Everything runs in a throw-away copy of the project on the tiny preset. To make DVC re-run a stage
 without `--force` (the flow has no such switch), a harmless parameter of that stage is bumped, which
@@ -101,7 +101,7 @@ def dvc_stages(root: Path) -> list[str]:
     """Stages declared in the project's dvc.yaml, in lifecycle order."""
     from ruamel.yaml import YAML
 
-    from tasks.config import STAGES
+    from lmforge.config import STAGES
 
     declared = (YAML(typ="safe", pure=True).load((root / "dvc.yaml").read_text()) or {}).get("stages", {})
     return [s for s in STAGES if s in declared] + [s for s in declared if s not in STAGES]
@@ -160,7 +160,7 @@ def flow_status(root: Path) -> dict[str, tuple[str, float]]:
 
 # --------------------------------------------------------------------------------------------- rows
 def flow_rows(ctx: Context) -> list[Row]:
-    from tasks.config import STAGES
+    from lmforge.config import STAGES
 
     root, built, build_note = built_pipeline(ctx)
     env = flow_env(ctx)
@@ -272,7 +272,7 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "rc": rc}))
 
 
 def direct_seconds(ctx: Context, root: Path, stage: str, tracked: bool = False) -> float:
-    """The stage through `tasks.stage.execute` with tracking off (its NullTracker), in a fresh interpreter,
+    """The stage through `lmforge.stage.execute` with tracking off (its NullTracker), in a fresh interpreter,
     timed from before the stage module's import; its outputs go outside the project. `tracked`: the same
     with MLflow tracking on, to tell MLflow's share of the overhead."""
     argv = stage_cmd(root, stage)
@@ -290,7 +290,7 @@ def direct_seconds(ctx: Context, root: Path, stage: str, tracked: bool = False) 
 
 
 def stage_overhead_rows(ctx: Context) -> list[Row]:
-    from tasks.config import STAGES
+    from lmforge.config import STAGES
 
     root, built, _ = built_pipeline(ctx)
     env = flow_env(ctx)
@@ -326,13 +326,13 @@ def stage_overhead_rows(ctx: Context) -> list[Row]:
                 f"(same params); the flow's task timed dvc repro of {stage} at {min(inside):.2f} s; the same "
                 f"execute() with MLflow tracking on took {min(tracked):.2f} s; best of {ctx.sizes.timed_runs}")
         rows.append(excess_row("6", f"stage_overhead.{stage}", f"Per-stage overhead: {stage}", min(marginal),
-                               min(direct), baseline_name="tasks.stage.execute, NullTracker", at_most=2.0, note=note,
+                               min(direct), baseline_name="lmforge.stage.execute, NullTracker", at_most=2.0, note=note,
                                flow_ran=ran, flow_cached=cached, direct=direct, direct_tracked=tracked,
                                task_seconds=inside, bumps=bumps))
         plain = [r - c for r, c in zip(untracked_ran, untracked_cached)]
         rows.append(excess_row("6u", f"stage_overhead_untracked.{stage}",
                                f"Per-stage overhead, MLflow tracking off: {stage}", min(plain), min(direct),
-                               baseline_name="tasks.stage.execute, NullTracker", at_most=2.0,
+                               baseline_name="lmforge.stage.execute, NullTracker", at_most=2.0,
                                note="the same, LMFORGE_TRACKING=off for the flow: what Prefect and DVC cost alone; "
                                     "row 6 minus this is the flow's MLflow run (import, store, replay)",
                                flow_ran=untracked_ran, flow_cached=untracked_cached, direct=direct))

@@ -23,7 +23,7 @@ CPUS = 2
 
 
 def stage_metrics(out: Path) -> dict[str, dict]:
-    from tasks.config import STAGES
+    from lmforge.config import STAGES
 
     found = {}
     for stage in STAGES:
@@ -39,7 +39,7 @@ def stage_metrics(out: Path) -> dict[str, dict]:
 def _params_preset(root: Path) -> str:
     """Whether params.yaml is the default preset as the code defines it now."""
     try:
-        from tasks.preset import render, resolve
+        from lmforge.cli.preset import render, resolve
 
         same = (root / "params.yaml").read_text() == render("default", resolve("default", root / "configs"))
         return "the default preset" if same else "not the default preset"
@@ -59,7 +59,7 @@ def full_lifecycle(ctx: Context) -> tuple[float, Path]:
 
 
 def lifecycle_rows(ctx: Context) -> list[Row]:
-    from tasks.config import STAGES
+    from lmforge.config import STAGES
 
     if ctx.full:
         wall, out = ctx.memo("lifecycle", lambda: full_lifecycle(ctx))

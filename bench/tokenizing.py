@@ -58,8 +58,8 @@ def tokenizer_rows(ctx: Context, vocab_size: int | None = None) -> list[Row]:
     stage = stage_module("tokenizer")
     from tokenizers import Tokenizer
 
-    from tasks.corpus import iter_texts
-    from tasks.tracking import NullTracker
+    from lmforge.data.corpus import iter_texts
+    from lmforge.tracking import NullTracker
 
     corpus, _ = ctx.data()
     cfg = ctx.stage_config(ctx.sizes.data_preset, "tokenizer")

@@ -65,7 +65,7 @@ def steady_rate(records, counter: str, from_step: int) -> float:
 
 # ------------------------------------------------------------------------------------------ pretrain
 def pretrain_config(ctx: Context):
-    from tasks.config import PretrainConfig
+    from lmforge.config import PretrainConfig
 
     s = ctx.sizes
     total = s.pretrain_warm + s.pretrain_steps
@@ -94,7 +94,7 @@ def run_pretrain_baseline(ctx: Context) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from tasks import lm
+    from lmforge import lm
 
     cfg = pretrain_config(ctx)
     corpus, tok_dir = ctx.data()
@@ -195,7 +195,7 @@ def base_model(ctx: Context) -> Path:
 
     def make():
         from tasks import pretrain
-        from tasks.tracking import NullTracker
+        from lmforge.tracking import NullTracker
 
         log("base model: a short pretrain run")
         corpus, tok_dir = ctx.data()
@@ -209,7 +209,7 @@ def base_model(ctx: Context) -> Path:
 
 # ----------------------------------------------------------------------------------------------- sft
 def sft_config(ctx: Context):
-    from tasks.config import SftConfig
+    from lmforge.config import SftConfig
 
     s = ctx.sizes
     total = s.sft_warm + s.sft_steps
@@ -224,7 +224,7 @@ def trl_sft_direct(cfg, base: Path, work: Path) -> list:
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from tasks import posttrain_data
+    from lmforge.data import posttrain_data
 
     set_seed(cfg.seed)
     cuda = cfg.device != "cpu" and torch.cuda.is_available()
@@ -269,7 +269,7 @@ def sft_rows(ctx: Context) -> list[Row]:
 
 # ----------------------------------------------------------------------------------------------- ppo
 def ppo_config(ctx: Context):
-    from tasks.config import PpoConfig
+    from lmforge.config import PpoConfig
 
     s = ctx.sizes
     total = s.ppo_warm + s.ppo_steps
@@ -277,7 +277,7 @@ def ppo_config(ctx: Context):
 
 
 def ppo_queries(cfg, tok) -> list[list[int]]:
-    from tasks import posttrain_data
+    from lmforge.data import posttrain_data
 
     rows = posttrain_data.prompts("train", cfg.train_prompts, cfg.seed)
     return [tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True,
@@ -293,7 +293,7 @@ def trl_ppo_direct(cfg, policy_dir: Path, reward_dir: Path, work: Path) -> list:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from tasks.chat import END
+    from lmforge.chat import END
 
     set_seed(cfg.seed)
     cuda = cfg.device != "cpu" and torch.cuda.is_available()

@@ -28,10 +28,12 @@ from prefect.states import Failed
 
 from flows import report
 from flows.lock import Busy, project_lock
-from tasks import registry, tracking
-from tasks.config import STAGES, ConfigError, load_params, read_yaml
-from tasks.preset import apply as apply_preset
-from tasks.preset import resolve as resolve_preset
+from lmforge import registry
+from lmforge import tracking
+from lmforge.errors import ConfigError
+from lmforge.config import STAGES, load_params, read_yaml
+from lmforge.cli.preset import apply as apply_preset
+from lmforge.cli.preset import resolve as resolve_preset
 
 # Headline figures per stage for the run summary (the report card has the rest).
 HEADLINES = {
@@ -87,7 +89,7 @@ def likely_stale(root: Path) -> bool:
     if not lock.exists():
         return True
     written = lock.stat().st_mtime
-    watched = [root / "params.yaml", root / "dvc.yaml", *root.glob("tasks/*.py")]
+    watched = [root / "params.yaml", root / "dvc.yaml", *root.glob("tasks/*.py"), *root.glob("lmforge/**/*.py")]
     return any(p.stat().st_mtime > written for p in watched if p.exists())
 
 
@@ -314,7 +316,7 @@ def write_card(path: Path) -> Path:
 def lifecycle(preset: str | None = None, stages: list[str] | None = None, experiment: str = "lmforge",
               root: str = ".", register_models: bool = False, push: str | None = None) -> list[dict]:
     """Run the lifecycle's stages (or a subset and what it needs) through DVC, tracked in MLflow; with
-    `register_models`, a new evaluation registers the models (tasks/registry.py); with `push`, the outputs go to
+    `register_models`, a new evaluation registers the models (lmforge/registry.py); with `push`, the outputs go to
     that DVC remote at the end of a successful run."""
     logger = get_run_logger()
     path = Path(root).resolve()

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from tasks.config import STAGES
-from tasks.stats import describe
+from lmforge.config import STAGES
+from lmforge.stats import describe
 
 
 def _metrics(out: Path, stage: str) -> dict | None:
@@ -256,7 +256,7 @@ def section_ppo(r: Report) -> str | None:
 
 
 def section_alignment(r: Report) -> str | None:
-    """PPO, DPO and GRPO side by side, each measured the same way on the same held-out prompts (tasks.policy_eval)."""
+    """PPO, DPO and GRPO side by side, each measured the same way on the same held-out prompts (lmforge.training.policy_eval)."""
     runs = {name: m for name in ("ppo", "dpo", "grpo") if (m := _metrics(r.out, name))}
     if not runs:
         return None

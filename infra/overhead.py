@@ -21,12 +21,12 @@ from infra.stack import ROOT, Stack, remote
 
 
 def project(dest: Path) -> Path:
-    for folder in ("tasks", "flows", "configs"):
+    for folder in ("tasks", "lmforge", "flows", "configs"):
         shutil.copytree(ROOT / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(ROOT / name, dest / name)
     for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
-                [sys.executable, "-m", "tasks.preset", "tiny"]):
+                [sys.executable, "-m", "lmforge.cli.preset", "tiny"]):
         subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
     return dest
 

@@ -6,7 +6,7 @@ chosen over a near miss, `posttrain_data.preference_pairs`) plus optional user f
 validated before the model loads. Measured before and after on held-out data: the policy's own preference
 accuracy on held-out pairs (does it give the chosen reply the higher log-probability), DPO's implicit-reward
 accuracy and margin on them, and on held-out prompts the ground-truth exact match, the learned reward model's
-score and the KL from the reference (`tasks.policy_eval`, as ppo and grpo measure).
+score and the KL from the reference (`lmforge.training.policy_eval`, as ppo and grpo measure).
 Output: out/model (policy, loads with `AutoModelForCausalLM`, tokenizer beside it), out/samples.jsonl.
 """
 
@@ -16,15 +16,18 @@ import sys
 import time
 from pathlib import Path
 
-from tasks import distributed, posttrain_data, resume
-from tasks.callbacks import ForwardLogs
-from tasks.config import DpoConfig
-from tasks.models import load_tokenizer, set_generation_defaults
-from tasks.policy_eval import check_same_tokenizer, load_models, measure, preference_accuracy, write_samples
-from tasks.runtime import pick_device
-from tasks.stats import paired_gain
-from tasks.stage import InputError, cli, write_meta
-from tasks.tracking import Tracker
+from lmforge import distributed
+from lmforge.data import posttrain_data
+from lmforge.training import resume
+from lmforge.training.callbacks import ForwardLogs
+from lmforge.config import DpoConfig
+from lmforge.models import load_tokenizer, set_generation_defaults
+from lmforge.training.policy_eval import check_same_tokenizer, load_models, measure, preference_accuracy, write_samples
+from lmforge.runtime import pick_device
+from lmforge.stats import paired_gain
+from lmforge.errors import InputError
+from lmforge.stage import cli, write_meta
+from lmforge.tracking import Tracker
 
 TRAINER_TMP = "_trainer_tmp"
 PAIR_KEYS = ("prompt", "chosen", "rejected")
@@ -71,7 +74,7 @@ def make_trainer(cfg: DpoConfig, model, ref, tokenizer, train: list[dict], test:
         logging_steps=cfg.log_every,
         logging_first_step=True,
         eval_strategy="no",
-        **resume.save_args(work if checkpoints else None, cfg.checkpoint_every),  # resumable: see tasks.resume
+        **resume.save_args(work if checkpoints else None, cfg.checkpoint_every),  # resumable: see lmforge.training.resume
         report_to="none",
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -128,7 +131,7 @@ def run(cfg: DpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker:
     losses = [h["train/loss"] for h in history if "train/loss" in h]
     metrics = {
         **after, **before,
-        # on the same held-out items, with its 95% paired-bootstrap interval (tasks.stats)
+        # on the same held-out items, with its 95% paired-bootstrap interval (lmforge.stats)
         "gt_accuracy_gain": paired_gain([x["correct"] for x in samples_before], [x["correct"] for x in samples_after]),
         "implicit_reward_accuracy": round(final["eval_rewards/accuracies"], 4),
         "implicit_reward_margin": round(final["eval_rewards/margins"], 4),

@@ -2,7 +2,7 @@
 
 Variants: base (pretrain), sft, lora (merged), ppo, int8 and nf4 (quantize). dvc.yaml passes each
 folder as `--<variant> DIR`; only those named in `evaluate.variants` must exist. Benchmarks are
-lm-eval tasks over local held-out data (tasks/benchmarks): arith_mc, arith_gen, cloze and one
+lm-eval tasks over local held-out data (lmforge/lm_eval_tasks): arith_mc, arith_gen, cloze and one
 rolling-perplexity task per corpus source, run in-process with `simple_evaluate` on the loaded
 model (`HFLM(pretrained=model)`), so quantised folders are evaluated as they load.
 
@@ -33,13 +33,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import get_args
 
-from tasks import benchmarks
-from tasks.config import EvaluateConfig
-from tasks.corpus import source_names
-from tasks.models import check_model_dir, load_causal_lm
-from tasks.runtime import pick_device
-from tasks.stage import InputError, cli, write_json
-from tasks.stats import describe, paired_gain
+from lmforge import lm_eval_tasks as benchmarks
+from lmforge.config import EvaluateConfig
+from lmforge.data.corpus import source_names
+from lmforge.models import check_model_dir, load_causal_lm
+from lmforge.runtime import pick_device
+from lmforge.errors import InputError
+from lmforge.stage import cli, write_json
+from lmforge.stats import describe, paired_gain
 
 log = logging.getLogger("lmforge.evaluate")
 VARIANTS: tuple[str, ...] = get_args(get_args(EvaluateConfig.model_fields["variants"].annotation)[0])

@@ -6,7 +6,7 @@ reward is a weighted sum of: correct (1 when the reply's answer equals the known
 (credit for a near miss, denser than exact match for a model that is rarely right), format (1 when the reply
 is one short non-empty line that ends its turn) and, optionally, the learned reward model's score. A KL penalty (kl_coef) holds the policy near the frozen starting policy.
 Policy and reference = the SFT (or merged LoRA) model. Measured before and after on held-out prompts, as
-ppo and dpo are (`tasks.policy_eval`): ground-truth exact match, reward-model score, KL from the reference.
+ppo and dpo are (`lmforge.training.policy_eval`): ground-truth exact match, reward-model score, KL from the reference.
 Output: out/model (policy, loads with `AutoModelForCausalLM`, tokenizer beside it), out/curves.csv,
 out/samples.jsonl.
 """
@@ -18,17 +18,20 @@ import sys
 import time
 from pathlib import Path
 
-from tasks import distributed, posttrain_data, resume
-from tasks.callbacks import OnLog
-from tasks.chat import END
-from tasks.config import GrpoConfig
-from tasks.models import load_tokenizer, set_generation_defaults
-from tasks.policy_eval import check_same_tokenizer, load_models, measure, query_ids, write_curves, write_samples
-from tasks.runtime import pick_device
-from tasks.scoring import score_ids
-from tasks.stats import paired_gain
-from tasks.stage import InputError, cli, write_meta
-from tasks.tracking import Tracker
+from lmforge import distributed
+from lmforge.data import posttrain_data
+from lmforge.training import resume
+from lmforge.training.callbacks import OnLog
+from lmforge.chat import END
+from lmforge.config import GrpoConfig
+from lmforge.models import load_tokenizer, set_generation_defaults
+from lmforge.training.policy_eval import check_same_tokenizer, load_models, measure, query_ids, write_curves, write_samples
+from lmforge.runtime import pick_device
+from lmforge.training.scoring import score_ids
+from lmforge.stats import paired_gain
+from lmforge.errors import InputError
+from lmforge.stage import cli, write_meta
+from lmforge.tracking import Tracker
 
 TRAINER_TMP = "_trainer_tmp"
 MAX_ANSWER_CHARS = 40  # a well-formed reply to the built-in tasks is a number or two words
@@ -131,7 +134,7 @@ def make_trainer(cfg: GrpoConfig, model, tokenizer, rows: list[dict], work: Path
         reward_weights=weights,
         logging_steps=cfg.log_every,
         logging_first_step=True,
-        **resume.save_args(work if checkpoints else None, cfg.checkpoint_every),  # resumable: see tasks.resume
+        **resume.save_args(work if checkpoints else None, cfg.checkpoint_every),  # resumable: see lmforge.training.resume
         report_to="none",
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -191,7 +194,7 @@ def run(cfg: GrpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker
     tail = curves[-5:]
     metrics = {
         **after, **before,
-        # on the same held-out items, with its 95% paired-bootstrap interval (tasks.stats)
+        # on the same held-out items, with its 95% paired-bootstrap interval (lmforge.stats)
         "gt_accuracy_gain": paired_gain([x["correct"] for x in samples_before], [x["correct"] for x in samples_after]),
         "train_reward_first": round(curves[0]["reward"], 4) if curves and "reward" in curves[0] else None,
         "train_reward_last": round(sum(r.get("reward", 0.0) for r in tail) / len(tail), 4) if tail else None,

@@ -15,14 +15,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tasks import chat, lowbit
-from tasks.config import LoraConfig
-from tasks.finetune import answer_accuracy, finetune, training_conversations
-from tasks.models import context_length, load_tokenizer, ready_lowbit, set_generation_defaults
-from tasks.posttrain_data import conversations
-from tasks.resume import fingerprint
-from tasks.runtime import pick_device
-from tasks.stage import InputError, cli, write_meta
+from lmforge import chat
+from lmforge import lowbit
+from lmforge.config import LoraConfig
+from lmforge.training.finetune import answer_accuracy, finetune, training_conversations
+from lmforge.models import context_length, load_tokenizer, ready_lowbit, set_generation_defaults
+from lmforge.data.posttrain_data import conversations
+from lmforge.training.resume import fingerprint
+from lmforge.runtime import pick_device
+from lmforge.errors import InputError
+from lmforge.stage import cli, write_meta
 
 
 def chat_token_ids(tokenizer) -> list[int]:

@@ -1,6 +1,6 @@
 """Stage `mix`: build the pretraining corpus from weighted sources.
 
-    read       each source in a seeded order, up to read_factor x its target (tasks/sources.py)
+    read       each source in a seeded order, up to read_factor x its target (lmforge/data/sources.py)
     normalise  NFC, \\n newlines, no control characters or trailing spaces, at most two blank lines
     chunk      documents longer than max_doc_chars are cut on paragraph, then line, boundaries
     filter     too short, too many symbols, too many repeated lines
@@ -10,7 +10,7 @@
     sample     source i gets w_i / sum(w) of budget_chars; training documents are taken in seeded
                order while they fit; a source with too little text gives all it has (reported)
 
-Outputs: out/corpus (format of tasks/corpus.py), out/mixture.csv (for DVC plots), out/samples.txt.
+Outputs: out/corpus (format of lmforge/data/corpus.py), out/mixture.csv (for DVC plots), out/samples.txt.
 """
 
 from __future__ import annotations
@@ -27,12 +27,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tasks import corpus as corpus_format
-from tasks.config import MixConfig
-from tasks.dedup import MinHasher, exact_key, near_duplicates
-from tasks.sources import open_source, source_rng
-from tasks.stage import InputError, cli, write_meta
-from tasks.tracking import Tracker
+from lmforge.data import corpus as corpus_format
+from lmforge.config import MixConfig
+from lmforge.data.dedup import MinHasher, exact_key, near_duplicates
+from lmforge.data.sources import open_source, source_rng
+from lmforge.errors import InputError
+from lmforge.stage import cli, write_meta
+from lmforge.tracking import Tracker
 
 FILTERS = ("too_short", "symbols", "dup_lines")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff]")  # keeps \t and \n

@@ -5,7 +5,7 @@ score of the finished turn (read at the end-of-turn token); value model = a trai
 model. Rollouts answer built-in training prompts through the chat template. Before and after training
 the policy answers held-out prompts (greedy by default) and is measured by mean reward-model score and
 by the ground-truth scorer. Optional quality gate: refuse a reward model whose held-out pairwise
-accuracy is below `min_reward_accuracy`. The PPO algorithm itself lives behind `tasks.ppo_backend`.
+accuracy is below `min_reward_accuracy`. The PPO algorithm itself lives behind `lmforge.training.ppo_backend`.
 Output: out/model (policy, loads with `AutoModelForCausalLM`, tokenizer beside it), out/curves.csv,
 out/samples.jsonl.
 """
@@ -18,16 +18,19 @@ from pathlib import Path
 
 import torch
 
-from tasks import posttrain_data, ppo_backend, resume
-from tasks.config import PpoConfig
-from tasks.callbacks import OnLog
-from tasks.models import load_tokenizer
-from tasks.runtime import pick_device
-from tasks.policy_eval import check_same_tokenizer, load_models, measure, query_ids, write_curves, write_samples
-from tasks.scoring import ACCURACY_KEY, load_reward_model
-from tasks.stats import paired_gain
-from tasks.stage import META_FILE, InputError, cli, read_json, write_meta
-from tasks.tracking import Tracker
+from lmforge.data import posttrain_data
+from lmforge.training import ppo_backend
+from lmforge.training import resume
+from lmforge.config import PpoConfig
+from lmforge.training.callbacks import OnLog
+from lmforge.models import load_tokenizer
+from lmforge.runtime import pick_device
+from lmforge.training.policy_eval import check_same_tokenizer, load_models, measure, query_ids, write_curves, write_samples
+from lmforge.training.scoring import ACCURACY_KEY, load_reward_model
+from lmforge.stats import paired_gain
+from lmforge.errors import InputError
+from lmforge.stage import META_FILE, cli, read_json, write_meta
+from lmforge.tracking import Tracker
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -62,7 +65,7 @@ def training_prompts(cfg: PpoConfig) -> list[list[dict]]:
 
 
 def evaluate(policy, reward_model, tokenizer, rows: list[dict], cfg: PpoConfig, suffix: str, ref=None):
-    """Held-out metrics as dpo and grpo measure them (tasks.policy_eval), replies sampled at eval_temperature."""
+    """Held-out metrics as dpo and grpo measure them (lmforge.training.policy_eval), replies sampled at eval_temperature."""
     return measure(policy, tokenizer, rows, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.response_length,
                    suffix=suffix, reward_model=reward_model, ref=ref, seed=cfg.seed, temperature=cfg.eval_temperature)
 
@@ -71,7 +74,7 @@ def evaluate(policy, reward_model, tokenizer, rows: list[dict], cfg: PpoConfig, 
 def run(cfg: PpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker: Tracker,
         checkpoints: Path | None = None) -> dict:
     """PPO against the reward model with a KL penalty to the starting policy. With `checkpoints` (scratch, see
-    tasks.resume) a rerun of the same run goes on from the last checkpoint there."""
+    lmforge.training.resume) a rerun of the same run goes on from the last checkpoint there."""
     gate = check_gate(cfg, reward_model)  # before anything heavy
     tok = load_tokenizer(policy)
     check_same_tokenizer(tok, policy, reward_model)

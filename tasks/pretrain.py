@@ -25,13 +25,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tasks import chat, distributed
-from tasks.config import PretrainConfig
-from tasks.corpus import source_names
-from tasks.lm import build_model, eval_windows, flops_per_token, lr_at, param_groups, resolve_device, tokenize_split
-from tasks.models import check_weights, read_tokenizer
-from tasks.stage import InputError, cli, write_meta
-from tasks.tracking import Tracker
+from lmforge import chat
+from lmforge import distributed
+from lmforge.config import PretrainConfig
+from lmforge.data.corpus import source_names
+from lmforge.lm import build_model, eval_windows, flops_per_token, lr_at, param_groups, resolve_device, tokenize_split
+from lmforge.models import check_weights, read_tokenizer
+from lmforge.errors import InputError
+from lmforge.stage import cli, write_meta
+from lmforge.tracking import Tracker
 
 
 # --------------------------------------------------------------------------------------------- model

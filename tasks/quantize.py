@@ -10,7 +10,7 @@ holds the figures and their ratios to fp32 for plots.
 bitsandbytes >= 0.46 runs both methods on CPU. There int8 is slower than fp32 (activations are
 cast to fp16 and quantised per call); nf4 dequantises to `compute_dtype` and stays close. On CPUs with
 AVX512-BF16 bitsandbytes runs 4-bit layers through a packed kernel that only takes some shapes
-(tasks/lowbit.py); by default (`nf4_unpackable: keep`) the layers it cannot take stay in full precision,
+(lmforge/lowbit.py); by default (`nf4_unpackable: keep`) the layers it cannot take stay in full precision,
 named in the folder's lmforge.json and counted in the metrics, so every saved folder runs everywhere.
 """
 
@@ -23,12 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-from tasks import lowbit
-from tasks.config import POLICIES, QuantizeConfig
-from tasks.corpus import iter_texts, source_names
-from tasks.models import NOT_WRITTEN, check_model_dir, is_quantized, load_causal_lm, weight_bytes
-from tasks.runtime import pick_device
-from tasks.stage import META_FILE, InputError, cli, read_json, write_meta
+from lmforge import lowbit
+from lmforge.config import POLICIES, QuantizeConfig
+from lmforge.data.corpus import iter_texts, source_names
+from lmforge.models import NOT_WRITTEN, check_model_dir, is_quantized, load_causal_lm, weight_bytes
+from lmforge.runtime import pick_device
+from lmforge.errors import InputError
+from lmforge.stage import META_FILE, cli, read_json, write_meta
 
 # each policy stage's held-out exact match on the same test items (posttrain_data's test split, same seed)
 SELECT_KEYS = {"sft": "final_accuracy", "lora": "final_accuracy", "ppo": "gt_accuracy", "dpo": "gt_accuracy",
@@ -258,7 +259,7 @@ def run(cfg: QuantizeConfig, *, model: Path, corpus: Path, out: Path, tracker) -
                    kept_for_cpu_kernel=plans[method][1])
     for method in sorted(set(BITS) - {"fp32"} - set(cfg.methods)):
         # dvc.yaml declares both folders: a left-out method gets a marker in place of its old (now stale) model,
-        # and loaders (tasks/models.py) refuse the folder in one line that says why
+        # and loaders (lmforge/models.py) refuse the folder in one line that says why
         (out / method).mkdir()
         (out / method / NOT_WRITTEN).write_text(f"quantize.methods left out {method} (quantize.methods: "
                                                 f"{list(cfg.methods)}); drop {method} from evaluate.variants\n")

@@ -19,14 +19,17 @@ from typing import Callable
 
 import torch
 
-from tasks import distributed, posttrain_data, resume
-from tasks.callbacks import OnLog, numbers
-from tasks.config import RewardConfig
-from tasks.models import load_tokenizer
-from tasks.runtime import pick_device
-from tasks.scoring import load_reward_model, score_conversations
-from tasks.stage import InputError, cli, write_meta
-from tasks.tracking import Tracker
+from lmforge import distributed
+from lmforge.data import posttrain_data
+from lmforge.training import resume
+from lmforge.training.callbacks import OnLog, numbers
+from lmforge.config import RewardConfig
+from lmforge.models import load_tokenizer
+from lmforge.runtime import pick_device
+from lmforge.training.scoring import load_reward_model, score_conversations
+from lmforge.errors import InputError
+from lmforge.stage import cli, write_meta
+from lmforge.tracking import Tracker
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -139,7 +142,7 @@ def run(cfg: RewardConfig, *, sft: Path, out: Path, tracker: Tracker, checkpoint
         if "loss" in logs:
             losses.append(logs["loss"])
 
-    # with --checkpoints (scratch, see tasks.resume) the run continues from the last checkpoint it wrote there
+    # with --checkpoints (scratch, see lmforge.training.resume) the run continues from the last checkpoint it wrote there
     checkpoint = resume.start("reward", checkpoints, resume.fingerprint(cfg, [sft], train))
     on_log = OnLog(forward)
     on_log.replay(resume.earlier_logs(checkpoint))  # the killed attempt's curve and first loss

@@ -1,8 +1,8 @@
 """sft: full fine-tuning of the pretrained model on chat conversations with TRL's SFTTrainer.
 
-Data: the built-in task conversations (`tasks.posttrain_data`) plus optional user JSONL files, all
+Data: the built-in task conversations (`lmforge.data.posttrain_data`) plus optional user JSONL files, all
 validated before the model is loaded. The loss covers assistant tokens only; the held-out loss and the
-greedy answer accuracy are measured on the base model and after training (`tasks.finetune`, shared
+greedy answer accuracy are measured on the base model and after training (`lmforge.training.finetune`, shared
 with the lora stage).
 
 Outputs: `model/` (transformers model + tokenizer with its chat template), `samples.jsonl` (test
@@ -14,12 +14,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tasks.config import SftConfig
-from tasks.finetune import finetune, training_conversations
-from tasks.models import context_length, load_tokenizer, set_generation_defaults
-from tasks.resume import fingerprint
-from tasks.runtime import pick_device
-from tasks.stage import cli, write_meta
+from lmforge.config import SftConfig
+from lmforge.training.finetune import finetune, training_conversations
+from lmforge.models import context_length, load_tokenizer, set_generation_defaults
+from lmforge.training.resume import fingerprint
+from lmforge.runtime import pick_device
+from lmforge.stage import cli, write_meta
 
 
 # ------------------------------------------------------------------------------------------ stage

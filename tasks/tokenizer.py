@@ -18,10 +18,12 @@ import unicodedata
 from pathlib import Path
 from typing import Iterator
 
-from tasks import chat
-from tasks.config import ConfigError, TokenizerConfig
-from tasks.corpus import iter_texts, source_names
-from tasks.stage import InputError, cli, write_meta
+from lmforge import chat
+from lmforge.errors import ConfigError
+from lmforge.config import TokenizerConfig
+from lmforge.data.corpus import iter_texts, source_names
+from lmforge.errors import InputError
+from lmforge.stage import cli, write_meta
 
 BATCH = 1000  # texts per batch for training and encode_batch
 BYTE_ALPHABET = 256

@@ -29,7 +29,7 @@ def build_tokenizer(vocab_size: int = 300):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from tasks import chat
+    from lmforge import chat
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -62,9 +62,9 @@ def tiny_reward_dir(tiny_model_dir, tmp_path_factory) -> Path:
     import torch
     from transformers import AutoTokenizer
 
-    from tasks import scoring
-    from tasks.config import RewardConfig
-    from tasks.stage import write_meta
+    from lmforge.training import scoring
+    from lmforge.config import RewardConfig
+    from lmforge.stage import write_meta
 
     path = tmp_path_factory.mktemp("rm") / "model"
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -76,7 +76,7 @@ def tiny_reward_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def write_corpus(root: Path, n_docs: int = 300) -> Path:
-    """A small corpus in the mix stage's format (tasks/corpus.py): two sources, train and val."""
+    """A small corpus in the mix stage's format (lmforge/data/corpus.py): two sources, train and val."""
     import json
 
     rng = random.Random(1)
@@ -140,7 +140,6 @@ def cpu_4bit_path(request, monkeypatch):
     (dequantise per matmul: CPUs without AVX512-BF16, and training) or `packed` (eval-mode inference on
     CPUs with AVX512-BF16). Where the CPU lacks the instruction set the packed kernel is emulated (see
     _emulated_packed_gemv); returns (path, "native" | "emulated")."""
-    pytest.importorskip("bitsandbytes")
     import bitsandbytes.functional as bnb_functional
     import bitsandbytes.nn.modules as bnb_modules
 

@@ -18,7 +18,7 @@ from typing import Callable
 
 import pytest
 
-from tasks import chat
+from lmforge import chat
 
 ROOT = Path(__file__).resolve().parents[1]
 PREVIOUS = '{"previous": "good output"}\n'
@@ -174,7 +174,7 @@ INPUTS = {  # each stage's inputs by default: the shared tiny ones
 
 @pytest.fixture(scope="module")
 def tiny_params() -> dict:
-    from tasks.preset import resolve
+    from lmforge.cli.preset import resolve
 
     return {name: cfg.model_dump() for name, cfg in resolve("tiny", ROOT / "configs").items()}
 
@@ -215,7 +215,8 @@ def run_case(case: Case, ctx: Ctx, tiny_params: dict, capsys, monkeypatch) -> tu
             argv += [f"--{name.replace('_', '-')}", str(path)]
     capsys.readouterr()
     with unprivileged(not privileged):
-        rc = importlib.import_module(f"tasks.{case.stage}").main(argv)
+        module = "lmforge.cli.preset" if case.stage == "preset" else f"tasks.{case.stage}"
+        rc = importlib.import_module(module).main(argv)
     return rc, capsys.readouterr().err
 
 
@@ -254,9 +255,10 @@ def test_the_table_covers_at_least_25_kinds():
 def test_quantize_leaving_out_nf4_replaces_the_stale_folder_with_a_marker(tiny_model_dir, tiny_corpus, tmp_path):
     """dvc.yaml declares out/quantize/nf4: `methods: [int8]` must not leave an old nf4 model there looking current."""
     from tasks import quantize
-    from tasks.config import QuantizeConfig
-    from tasks.models import check_model_dir
-    from tasks.stage import InputError, execute
+    from lmforge.config import QuantizeConfig
+    from lmforge.models import check_model_dir
+    from lmforge.errors import InputError
+    from lmforge.stage import execute
 
     out = tmp_path / "quantize"
     shutil.copytree(tiny_model_dir, out / "nf4")  # a previous run's nf4 model

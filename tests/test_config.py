@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import SECTIONS, STAGES, ConfigError, load_params, load_stage, parse_section
-from tasks.preset import main as preset_main
-from tasks.preset import render_defaults, resolve
+from lmforge.errors import ConfigError
+from lmforge.config import SECTIONS, STAGES, load_params, load_stage, parse_section
+from lmforge.cli.preset import main as preset_main
+from lmforge.cli.preset import render_defaults, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +46,7 @@ def test_every_knob_has_a_description():
 
 def test_default_preset_file_matches_typed_defaults():
     assert (ROOT / "configs/default.yaml").read_text() == render_defaults(), (
-        "configs/default.yaml is stale: run `python -m tasks.preset default --sync-defaults`"
+        "configs/default.yaml is stale: run `python -m lmforge.cli.preset default --sync-defaults`"
     )
 
 

@@ -6,8 +6,8 @@ import random
 
 import numpy as np
 
-from tasks import dedup
-from tasks.dedup import MinHasher, estimated_jaccard, exact_key, jaccard, near_duplicates
+from lmforge.data import dedup
+from lmforge.data.dedup import MinHasher, estimated_jaccard, exact_key, jaccard, near_duplicates
 
 
 def _doc(rng: random.Random, n: int = 150) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tasks.preset import render, resolve
+from lmforge.cli.preset import render, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -143,7 +143,7 @@ def test_sft_under_accelerate_with_two_processes(tiny_model_dir, tmp_path):
 
 def test_ppo_with_two_processes_checkpoints_and_finishes(tiny_model_dir, tiny_reward_dir, tmp_path):
     """TRL's PPOTrainer under torchrun, with lmforge's checkpoints (every process writes its RNG state, then
-    the main one publishes the folder; tasks/ppo_backend.py): the run completes, trains, and clears them."""
+    the main one publishes the folder; lmforge/training/ppo_backend.py): the run completes, trains, and clears them."""
     params = write_params(tmp_path / "params.yaml", nproc=2)
     out, checkpoints = tmp_path / "ppo", tmp_path / "ck"
     stage("ppo", params, "--policy", str(tiny_model_dir), "--reward-model", str(tiny_reward_dir),

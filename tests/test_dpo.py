@@ -8,10 +8,12 @@ import math
 import pytest
 import torch
 
-from tasks import dpo, posttrain_data
-from tasks.config import DpoConfig
-from tasks.stage import META_FILE, InputError, execute, read_json
-from tasks.tracking import NullTracker
+from tasks import dpo
+from lmforge.data import posttrain_data
+from lmforge.config import DpoConfig
+from lmforge.errors import InputError
+from lmforge.stage import META_FILE, execute, read_json
+from lmforge.tracking import NullTracker
 
 TINY = dict(train_pairs=32, test_pairs=8, test_prompts=8, max_steps=6, batch_size=8, lr=3e-3, warmup_steps=0,
             log_every=1, eval_batch_size=8, max_new_tokens=4)

@@ -5,10 +5,13 @@ import time
 
 import pytest
 
-from tasks import benchmarks, evaluate, tracking
-from tasks.benchmarks import scoring
-from tasks.config import EvaluateConfig
-from tasks.stage import InputError, execute
+from lmforge import lm_eval_tasks as benchmarks
+from tasks import evaluate
+from lmforge import tracking
+from lmforge.lm_eval_tasks import scoring
+from lmforge.config import EvaluateConfig
+from lmforge.errors import InputError
+from lmforge.stage import execute
 
 TINY = dict(mc_questions=12, gen_questions=8, max_gen_tokens=4, cloze_items=8, cloze_source="prose", ppl_docs=3,
             ppl_max_chars=300, batch_size=8, num_threads=1)

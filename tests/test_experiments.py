@@ -28,10 +28,10 @@ def _sh(cwd: Path, *cmd: str) -> str:
 
 
 def test_queued_experiments_run_in_their_own_workspaces(tmp_path):
-    from tasks.preset import render, resolve
+    from lmforge.cli.preset import render, resolve
 
     root = tmp_path / "project"
-    for folder in ("tasks", "configs"):
+    for folder in ("tasks", "lmforge", "configs"):
         shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
     shutil.copy(ROOT / ".gitignore", root / ".gitignore")

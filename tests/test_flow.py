@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import commit_project
 
-from tasks.config import STAGES
+from lmforge.config import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def _copy_project(dest: Path) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for folder in ("tasks", "flows", "configs"):
+    for folder in ("tasks", "lmforge", "flows", "configs"):
         shutil.copytree(ROOT / folder, dest / folder, ignore=ignore)
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(ROOT / name, dest / name)
@@ -96,7 +96,7 @@ def test_first_run_runs_every_stage_and_outputs_load(project, first_run):
 
 
 def metrics_cfg(project):
-    from tasks.config import load_params
+    from lmforge.config import load_params
 
     return {k: v.model_dump() for k, v in load_params(project / "params.yaml").items()}
 

@@ -36,7 +36,7 @@ def _digest(folder: Path) -> dict[str, str]:
 
 
 def _params(notes: str) -> str:
-    from tasks.preset import resolve
+    from lmforge.cli.preset import resolve
 
     data = {name: cfg.model_dump() for name, cfg in resolve("tiny", ROOT / "configs").items()}
     data["mix"]["sources"] = [{"name": "notes", "kind": "files", "path": notes}]
@@ -47,7 +47,7 @@ def _params(notes: str) -> str:
 def project(tmp_path) -> Path:
     root = tmp_path / "project"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for folder in ("tasks", "flows", "configs"):
+    for folder in ("tasks", "lmforge", "flows", "configs"):
         shutil.copytree(ROOT / folder, root / folder, ignore=ignore)
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
     notes = root / "notes"

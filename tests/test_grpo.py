@@ -9,10 +9,13 @@ import math
 import pytest
 import torch
 
-from tasks import grpo, posttrain_data
-from tasks.config import ConfigError, GrpoConfig, parse_section
-from tasks.stage import META_FILE, InputError, execute, read_json
-from tasks.tracking import NullTracker
+from tasks import grpo
+from lmforge.data import posttrain_data
+from lmforge.errors import ConfigError
+from lmforge.config import GrpoConfig, parse_section
+from lmforge.errors import InputError
+from lmforge.stage import META_FILE, execute, read_json
+from lmforge.tracking import NullTracker
 
 # a random model never answers right nor ends its turn, so only the reward model's score moves it here
 TINY = dict(train_prompts=16, test_prompts=8, max_steps=3, prompts_per_step=2, group_size=4, response_length=4,

@@ -4,9 +4,11 @@ import math
 import pytest
 import torch
 
-from tasks import lora, tracking
-from tasks.config import LoraConfig
-from tasks.stage import InputError, execute
+from tasks import lora
+from lmforge import tracking
+from lmforge.config import LoraConfig
+from lmforge.errors import InputError
+from lmforge.stage import execute
 
 TINY = dict(train_examples=64, test_examples=16, max_steps=6, batch_size=8, lr=2e-2, warmup_steps=0, log_every=2,
             eval_batch_size=16, max_new_tokens=4, num_threads=1, r=4, alpha=8)
@@ -54,7 +56,6 @@ def test_unknown_target_module_is_an_input_error(tiny_model_dir, tmp_path):
 
 
 def test_qlora_trains_on_a_4bit_base(tiny_model_dir, tmp_path):
-    pytest.importorskip("bitsandbytes")
     cfg = LoraConfig(**{**TINY, "qlora": True, "max_steps": 3, "target_modules": ["q_proj", "v_proj"]})
     metrics = execute("lora", lora.run, cfg, tmp_path / "q", {"base": tiny_model_dir}, tracker=tracking.NullTracker())
     assert metrics["qlora"] is True and 0 < metrics["trainable_share"] < 1

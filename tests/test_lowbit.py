@@ -7,12 +7,14 @@ import json
 import pytest
 import torch
 
-bnb = pytest.importorskip("bitsandbytes")
+import bitsandbytes as bnb
 
-from tasks import lowbit, models, quantize, tracking  # noqa: E402
-from tasks.config import QuantizeConfig  # noqa: E402
-from tasks.runtime import pick_device  # noqa: E402
-from tasks.stage import InputError, execute  # noqa: E402
+from lmforge import lowbit, models, tracking
+from lmforge.config import QuantizeConfig
+from lmforge.errors import InputError
+from lmforge.runtime import pick_device
+from lmforge.stage import execute
+from tasks import quantize
 
 TINY = dict(ppl_tokens=256, batch_size=4, gen_tokens=4, gen_repeats=1, num_threads=1)
 
@@ -158,7 +160,7 @@ def test_kernel_note_is_one_plain_line(capsys, monkeypatch):
 def test_evaluate_runs_nf4_on_either_path(cpu_4bit_path, odd_model_dir, tiny_corpus, tmp_path):
     """evaluate's nf4 variant, every layer 4-bit (the odd one included), through lm-eval on both paths."""
     from tasks import evaluate
-    from tasks.config import EvaluateConfig
+    from lmforge.config import EvaluateConfig
 
     _quantize(odd_model_dir, tiny_corpus, tmp_path / "q", methods=["nf4"], nf4_unpackable="quantize")
     cfg = EvaluateConfig(variants=["base", "nf4"], tasks=["arith_mc", "heldout_ppl"], mc_questions=8, ppl_docs=2,
@@ -173,7 +175,7 @@ def test_qlora_trains_on_either_path(cpu_4bit_path, odd_model_dir, tmp_path):
     """QLoRA measures accuracy in eval mode (where the packed path would repack) before training: the
     adapters must still get gradients through every 4-bit layer, the odd one included."""
     from tasks import lora
-    from tasks.config import LoraConfig
+    from lmforge.config import LoraConfig
 
     cfg = LoraConfig(train_examples=32, test_examples=8, max_steps=3, batch_size=8, lr=2e-2, warmup_steps=0,
                      log_every=1, eval_batch_size=8, max_new_tokens=3, num_threads=1, r=4, alpha=8, qlora=True,
@@ -192,7 +194,7 @@ def test_bitsandbytes_import_warning_is_filtered(caplog):
     TRL import it); importing lmforge's package installs the filter before that can happen."""
     import logging
 
-    import tasks  # noqa: F401
+    import lmforge  # noqa: F401
 
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     with caplog.at_level(logging.WARNING):

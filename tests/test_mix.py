@@ -14,10 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from tasks import corpus, mix
-from tasks.config import ConfigError, MixConfig, parse_section
-from tasks.stage import META_FILE, InputError, execute
-from tasks.tracking import NullTracker
+from lmforge.data import corpus
+from tasks import mix
+from lmforge.errors import ConfigError
+from lmforge.config import MixConfig, parse_section
+from lmforge.errors import InputError
+from lmforge.stage import META_FILE, execute
+from lmforge.tracking import NullTracker
 
 TINY = {"budget_chars": 60_000, "arithmetic_docs": 600, "max_doc_chars": 1000}
 
@@ -282,7 +285,7 @@ def test_task_lines_are_right():
     """The post-training task lines in the arithmetic text carry the right answers, in the tasks' wording."""
     import re
 
-    from tasks import sources
+    from lmforge.data import sources
 
     rng = random.Random(0)
     seen = set()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import STAGES
+from lmforge.config import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from tasks import posttrain_data as data
-from tasks.stage import InputError
+from lmforge.data import posttrain_data as data
+from lmforge.errors import InputError
 
 
 def _questions(rows):

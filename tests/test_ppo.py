@@ -8,10 +8,13 @@ import math
 import pytest
 import torch
 
-from tasks import posttrain_data, ppo
-from tasks.config import ConfigError, PpoConfig, parse_section
-from tasks.stage import META_FILE, InputError, execute, read_json
-from tasks.tracking import NullTracker
+from lmforge.data import posttrain_data
+from tasks import ppo
+from lmforge.errors import ConfigError
+from lmforge.config import PpoConfig, parse_section
+from lmforge.errors import InputError
+from lmforge.stage import META_FILE, execute, read_json
+from lmforge.tracking import NullTracker
 
 TINY = dict(train_prompts=16, test_prompts=8, steps=3, batch_size=4, mini_batches=2, ppo_epochs=1,
             response_length=4, lr=1e-3, eval_batch_size=8)

@@ -5,10 +5,12 @@ import json
 import pytest
 import torch
 
-from tasks import lm, pretrain
-from tasks.config import PretrainConfig, parse_section
-from tasks.stage import InputError, execute
-from tasks.tracking import NullTracker
+from lmforge import lm
+from tasks import pretrain
+from lmforge.config import PretrainConfig, parse_section
+from lmforge.errors import InputError
+from lmforge.stage import execute
+from lmforge.tracking import NullTracker
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, seq_len=32,
             batch_size=8, max_steps=40, lr=3e-3, warmup_steps=4, eval_every=20, eval_batches=2, log_every=5,
@@ -93,7 +95,7 @@ def foreign_model(tmp_path_factory, tiny_corpus):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    from tasks.corpus import iter_texts
+    from lmforge.data.corpus import iter_texts
 
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer, raw.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
@@ -110,7 +112,7 @@ def foreign_model(tmp_path_factory, tiny_corpus):
 def test_init_from_continues_a_foreign_model(tmp_path, tiny_corpus, tiny_tokenizer_dir, foreign_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks import chat
+    from lmforge import chat
 
     path, vocab = foreign_model
     m = execute("pretrain", pretrain.run, cfg(init_from=str(path)), tmp_path / "out",

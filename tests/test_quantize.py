@@ -5,9 +5,12 @@ import math
 import pytest
 import torch
 
-from tasks import models, quantize, tracking
-from tasks.config import QuantizeConfig
-from tasks.stage import InputError, execute
+from lmforge import models
+from tasks import quantize
+from lmforge import tracking
+from lmforge.config import QuantizeConfig
+from lmforge.errors import InputError
+from lmforge.stage import execute
 
 TINY = dict(ppl_tokens=512, batch_size=4, gen_tokens=4, gen_repeats=1, num_threads=1)
 
@@ -114,8 +117,8 @@ def test_perplexity_counts_every_target_once():
 def test_best_policy_by_heldout_exact_match(tiny_model_dir, tmp_path):
     import shutil
 
-    from tasks.config import DpoConfig, SftConfig
-    from tasks.stage import write_meta
+    from lmforge.config import DpoConfig, SftConfig
+    from lmforge.stage import write_meta
 
     dirs = {}
     for name, cfg, metrics in [("sft", SftConfig(), {"final_accuracy": 0.4}), ("dpo", DpoConfig(), {"gt_accuracy": 0.55}),

@@ -1,7 +1,7 @@
-"""The Trainer stages resume after a crash (tasks/resume.py): sft and dpo, stopped after their checkpoint and run
+"""The Trainer stages resume after a crash (lmforge/training/resume.py): sft and dpo, stopped after their checkpoint and run
 again with the same config, end with the very weights (and dpo with the metrics) an uninterrupted run ends with
 (CPU, deterministic), and say from which step they went on; so do reward (weights) and ppo (weights, metrics,
-curves: its own checkpoints, tasks/ppo_backend.py); lora and grpo at least write a checkpoint, pick it up and
+curves: its own checkpoints, lmforge/training/ppo_backend.py); lora and grpo at least write a checkpoint, pick it up and
 finish the run from there.
 (pretrain's resume is tests/test_pretrain.py::test_resume_continues_the_same_run_only.)"""
 
@@ -13,10 +13,18 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback
 
-from tasks import dpo, finetune, grpo, lora, ppo, ppo_backend, resume, reward, sft
-from tasks.config import DpoConfig, GrpoConfig, LoraConfig, PpoConfig, RewardConfig, SftConfig
-from tasks.stage import execute
-from tasks.tracking import NullTracker
+from tasks import dpo
+from lmforge.training import finetune
+from tasks import grpo
+from tasks import lora
+from tasks import ppo
+from lmforge.training import ppo_backend
+from lmforge.training import resume
+from tasks import reward
+from tasks import sft
+from lmforge.config import DpoConfig, GrpoConfig, LoraConfig, PpoConfig, RewardConfig, SftConfig
+from lmforge.stage import execute
+from lmforge.tracking import NullTracker
 
 TINY = dict(train_examples=64, test_examples=8, max_steps=6, batch_size=8, lr=1e-2, warmup_steps=0, log_every=1,
             eval_batch_size=8, max_new_tokens=2, num_threads=1, checkpoint_every=3)

@@ -8,10 +8,13 @@ import math
 import pytest
 import torch
 
-from tasks import posttrain_data, reward, scoring
-from tasks.config import RewardConfig
-from tasks.stage import META_FILE, InputError, execute, read_json
-from tasks.tracking import NullTracker
+from lmforge.data import posttrain_data
+from tasks import reward
+from lmforge.training import scoring
+from lmforge.config import RewardConfig
+from lmforge.errors import InputError
+from lmforge.stage import META_FILE, execute, read_json
+from lmforge.tracking import NullTracker
 
 TINY = dict(train_pairs=48, test_pairs=16, gt_prompts=16, batch_size=8, epochs=2.0, lr=1e-3, eval_every=6, log_every=2)
 

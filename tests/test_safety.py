@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks import pretrain, sft
-from tasks.config import PretrainConfig
+from tasks import pretrain
+from tasks import sft
+from lmforge.config import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +84,7 @@ def test_post_training_stages_refuse_unsafe_model_folders(folder, message, reque
 def test_every_from_pretrained_call_says_trust_remote_code():
     """transformers' default is False today; lmforge says so at every call, so a changed default changes nothing."""
     missing = []
-    for file in sorted((ROOT / "tasks").rglob("*.py")):
+    for file in sorted([*(ROOT / "tasks").rglob("*.py"), *(ROOT / "lmforge").rglob("*.py")]):
         for node in ast.walk(ast.parse(file.read_text())):
             if (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "from_pretrained"
                     and getattr(node.func.value, "id", None) != "PeftModel"):  # an adapter lmforge just wrote

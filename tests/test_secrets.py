@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasks import mix, tracking
+from tasks import mix
+from lmforge import tracking
 
 TOKEN = "hf_FAKEtoken4lmforgeTests0123"
 AWS = "AWSfakeSecretKey+lmforge/9876543210"

@@ -4,9 +4,14 @@ import math
 import pytest
 import torch
 
-from tasks import finetune, models, posttrain_data, sft, tracking
-from tasks.config import SftConfig
-from tasks.stage import InputError, execute
+from lmforge.training import finetune
+from lmforge import models
+from lmforge.data import posttrain_data
+from tasks import sft
+from lmforge import tracking
+from lmforge.config import SftConfig
+from lmforge.errors import InputError
+from lmforge.stage import execute
 
 TINY = dict(train_examples=64, test_examples=16, max_steps=6, batch_size=8, lr=1e-2, warmup_steps=0, log_every=1,
             eval_batch_size=16, max_new_tokens=4, num_threads=1)

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from tasks.config import TokenizerConfig
-from tasks.stage import META_FILE, InputError, cli, execute, write_meta
-from tasks.tracking import NullTracker, flatten
+from lmforge.config import TokenizerConfig
+from lmforge.errors import InputError
+from lmforge.stage import META_FILE, cli, execute, write_meta
+from lmforge.tracking import NullTracker, flatten
 
 
 def _ok(cfg, *, out, tracker, data):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tasks.stats import describe, paired_gain
+from lmforge.stats import describe, paired_gain
 
 
 def test_clear_gain_is_beyond_noise():

@@ -48,12 +48,12 @@ def _sh(cwd: Path, *cmd: str, env: dict | None = None) -> str:
 def _make_project(dest: Path) -> Path:
     """A git + DVC project of this commit's code on the tiny preset, committed: what a team member clones."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for folder in ("tasks", "flows", "configs"):
+    for folder in ("tasks", "lmforge", "flows", "configs"):
         shutil.copytree(ROOT / folder, dest / folder, ignore=ignore)
     (dest / "infra").mkdir()
     for name in ("dvc.yaml", ".gitignore", "infra/prefect.yaml"):
         shutil.copy(ROOT / name, dest / name)
-    from tasks.preset import apply
+    from lmforge.cli.preset import apply
 
     apply("tiny", dest / "params.yaml", dest / "configs")
     for section, key, value in SHORTER:
@@ -238,7 +238,7 @@ def _set_param(project: Path, section: str, key: str, value) -> None:
 def test_two_clones_run_at_once_and_registrations_race(bob, stack, team):
     """Alice and Bob each change the mix and run `mix tokenizer` at the same moment against the same servers,
     each pushing to the remote; meanwhile two registrations of Alice's (unchanged) models race."""
-    from tasks import registry
+    from lmforge import registry
 
     _set_param(stack.root, "mix", "arithmetic_docs", 1400)
     _set_param(bob, "mix", "arithmetic_docs", 1300)
@@ -249,7 +249,7 @@ def test_two_clones_run_at_once_and_registrations_race(bob, stack, team):
              for p in (stack.root, bob)]
     client = _mlflow(stack)
     run_id = client.create_run(client.get_experiment_by_name(EXPERIMENT).experiment_id, run_name="race").info.run_id
-    racers = [subprocess.Popen([sys.executable, "-m", "tasks.registry", run_id], cwd=stack.root, text=True,
+    racers = [subprocess.Popen([sys.executable, "-m", "lmforge.registry", run_id], cwd=stack.root, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **team_env(stack)})
               for _ in range(2)]
     raced = [r.communicate(timeout=300) for r in racers]

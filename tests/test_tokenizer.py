@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tasks import chat
-from tasks.config import ConfigError, TokenizerConfig, parse_section
-from tasks.stage import META_FILE, InputError, execute, read_json
+from lmforge import chat
+from lmforge.errors import ConfigError
+from lmforge.config import TokenizerConfig, parse_section
+from lmforge.errors import InputError
+from lmforge.stage import META_FILE, execute, read_json
 from tasks.tokenizer import main, run
-from tasks.tracking import NullTracker
+from lmforge.tracking import NullTracker
 
 KINDS = ("bpe", "wordpiece", "unigram")
 VOCAB = 400
@@ -41,7 +43,7 @@ def _docs(source: str, n: int, rng: random.Random) -> list[str]:
 
 
 def write_corpus(root: Path, n: int = 150) -> Path:
-    """A corpus in tasks/corpus.py's layout: train shards and a val file per source."""
+    """A corpus in lmforge/data/corpus.py's layout: train shards and a val file per source."""
     rng = random.Random(0)
     for source in ("prose", "code", "arith"):
         docs = [{"text": t, "source": source} for t in _docs(source, n, rng)]
@@ -120,7 +122,7 @@ def test_rustbpe_tokenizer_encodes_as_rustbpe_does(corpus, tmp_path, pre):
     import rustbpe
     from tokenizers import Tokenizer
 
-    from tasks.corpus import iter_texts
+    from lmforge.data.corpus import iter_texts
     from tasks.tokenizer import bpe_pattern, read_train
 
     cfg = TokenizerConfig(vocab_size=VOCAB, pre_tokenizer=pre)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tasks import tracking
+from lmforge import tracking
 
 
 @pytest.fixture()

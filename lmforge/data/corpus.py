@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from tasks.stage import InputError
+from lmforge.errors import InputError
 
 SPLITS = ("train", "val")
 

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tasks.stage import InputError
+from lmforge.errors import InputError
 
 NODE_RANK_ENV = "LMFORGE_NODE_RANK"  # this machine's rank among launch.nnodes (differs per machine)
 STATUS_ENV = "LMFORGE_WORKER_STATUS"  # file where rank 0 leaves its exit code (2 = bad input)

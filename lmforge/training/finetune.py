@@ -14,12 +14,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from tasks import distributed, posttrain_data, resume
-from tasks.callbacks import ForwardLogs
-from tasks.config import SftConfig
-from tasks.models import stop_token_ids
-from tasks.stage import InputError
-from tasks.stats import paired_gain
+from lmforge import distributed
+from lmforge.data import posttrain_data
+from lmforge.training import resume
+from lmforge.training.callbacks import ForwardLogs
+from lmforge.config import SftConfig
+from lmforge.models import stop_token_ids
+from lmforge.errors import InputError
+from lmforge.stats import paired_gain
 
 TRAINER_TMP = "_trainer_tmp"  # Trainer's output_dir inside the staging folder; removed after training
 SAMPLES = 20  # test answers kept in samples.jsonl
@@ -159,7 +161,7 @@ def finetune(cfg: SftConfig, model, tokenizer, train_convs: list[list[dict]], ou
              peft_config=None, checkpoints: Path | None = None, fp: str = "") -> tuple[Any, dict]:
     """Measure the base, train, measure again. Returns the trainer (its .model is the trained model) and metrics.
     With `checkpoints` (a scratch folder, not an output), training resumes from the last checkpoint there that
-    the same run (`fp`, see tasks.resume.fingerprint) wrote, and the folder is removed once training is done."""
+    the same run (`fp`, see lmforge.training.resume.fingerprint) wrote, and the folder is removed once training is done."""
     test_rows = posttrain_data.conversations("test", cfg.test_examples, cfg.seed)
     if not getattr(model, "is_loaded_in_4bit", False):  # quantized models are placed by device_map already
         model.to(device)
@@ -194,7 +196,7 @@ def finetune(cfg: SftConfig, model, tokenizer, train_convs: list[list[dict]], ou
         "final_eval_loss": final_eval["eval_loss"],
         **{f"base_{k}": v for k, v in base_acc.items()},
         **{f"final_{k}": v for k, v in final_acc.items()},
-        # on the same held-out items, with its 95% paired-bootstrap interval (tasks.stats)
+        # on the same held-out items, with its 95% paired-bootstrap interval (lmforge.stats)
         "accuracy_gain": paired_gain([posttrain_data.score(a, r["answer"]) for r, a in zip(test_rows, base_answers)],
                                      [posttrain_data.score(a, r["answer"]) for r, a in zip(test_rows, final_answers)]),
     }

@@ -10,7 +10,7 @@ the folder to hand to `TaskManager(include_path=...)`.
     cloze        last word of a held-out prose sentence among cloze_choices words (loglikelihood; acc, acc_norm)
     ppl_<src>    rolling loglikelihood of held-out documents per corpus source (bits_per_byte, word_perplexity)
 
-Questions come from `tasks.posttrain_data`'s test split, prose and documents from the corpus val split.
+Questions come from `lmforge.data.posttrain_data`'s test split, prose and documents from the corpus val split.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import random
 import re
 from pathlib import Path
 
-from tasks import posttrain_data
-from tasks.chat import END, EOS
-from tasks.corpus import iter_texts, source_names
-from tasks.stage import InputError
+from lmforge.data import posttrain_data
+from lmforge.chat import END, EOS
+from lmforge.data.corpus import iter_texts, source_names
+from lmforge.errors import InputError
 
 TEMPLATES = Path(__file__).resolve().parent
 PREFIX = "lmforge_"  # keeps our task names clear of lm-eval's built-in ones

@@ -1,7 +1,7 @@
 """Apply a preset: write params.yaml from the typed defaults overlaid with `configs/<preset>.yaml`.
 
-    python -m tasks.preset tiny            # params.yaml <- defaults + configs/tiny.yaml
-    python -m tasks.preset default --check # exit 1 if params.yaml differs from that preset
+    python -m lmforge.cli.preset tiny            # params.yaml <- defaults + configs/tiny.yaml
+    python -m lmforge.cli.preset default --check # exit 1 if params.yaml differs from that preset
 
 The output carries every knob with its one-line description as a comment, so params.yaml stays the
 readable, complete list of knobs that DVC tracks.
@@ -16,11 +16,12 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tasks.config import SECTION_NAMES, SECTIONS, ConfigError, parse_section, read_yaml
+from lmforge.errors import ConfigError
+from lmforge.config import SECTION_NAMES, SECTIONS, parse_section, read_yaml
 
 HEADER = (
     "# lmforge parameters: one section per stage; DVC tracks each section as that stage's params.\n"
-    "# Written by `python -m tasks.preset {preset}` from the typed defaults in tasks/config.py and\n"
+    "# Written by `python -m lmforge.cli.preset {preset}` from the typed defaults in lmforge/config.py and\n"
     "# configs/{preset}.yaml. Change a knob for one run with `dvc exp run -S pretrain.lr=1e-3`.\n"
 )
 

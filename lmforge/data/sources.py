@@ -25,8 +25,8 @@ import sysconfig
 from pathlib import Path
 from typing import Callable, Iterator
 
-from tasks.config import MixConfig, SourceConfig
-from tasks.stage import InputError
+from lmforge.config import MixConfig, SourceConfig
+from lmforge.errors import InputError
 
 Reader = Callable[[], Iterator[str]]
 SUFFIXES = (".txt", ".jsonl", ".parquet")

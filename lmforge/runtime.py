@@ -3,7 +3,7 @@ measuring stage, so `device: auto|cpu|cuda` means the same thing everywhere."""
 
 from __future__ import annotations
 
-from tasks.stage import InputError
+from lmforge.errors import InputError
 
 
 def pick_device(choice: str, stage: str = "", num_threads: int = 0):

@@ -1,7 +1,7 @@
 """Typed configuration: one pydantic model per stage, one section of params.yaml each.
 
 The models are the single source of truth for knobs, defaults and their one-line descriptions:
-`configs/default.yaml` and the comments in `params.yaml` are rendered from them (`python -m tasks.preset`).
+`configs/default.yaml` and the comments in `params.yaml` are rendered from them (`python -m lmforge.cli.preset`).
 Unknown keys and wrong types are errors that name the offending key.
 """
 
@@ -12,15 +12,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lmforge.errors import ConfigError
+
 STAGES = ("mix", "tokenizer", "pretrain", "sft", "lora", "reward", "ppo", "dpo", "grpo", "quantize", "evaluate")
 SHARED = ("launch",)  # sections that are not stages: read by several stages, tracked by none (see LaunchConfig)
 SECTION_NAMES = STAGES + SHARED
 TRAINING_STAGES = ("pretrain", "sft", "lora", "reward", "ppo", "dpo", "grpo")
 POLICIES = ("sft", "lora", "ppo", "dpo", "grpo")  # stages whose out/<name>/model is a chat policy
-
-
-class ConfigError(ValueError):
-    """A params file that does not match the schema; the message names the key."""
 
 
 class _Section(BaseModel):
@@ -131,7 +129,7 @@ class TokenizerConfig(_Section):
     )
     special_tokens: list[str] = F(
         ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
-        "special tokens: eos first, and all of tasks/chat.py's tokens; more may follow",
+        "special tokens: eos first, and all of lmforge/chat.py's tokens; more may follow",
     )
     unk_token: str = F("<|unk|>", "WordPiece/Unigram: token for characters unseen in training (added to the specials)", min_length=1)
     max_train_chars: int = F(20_000_000, "train on at most this many characters of the training split", ge=1)
@@ -140,13 +138,13 @@ class TokenizerConfig(_Section):
     @classmethod
     def _has_chat_tokens(cls, tokens: list[str]) -> list[str]:
         # every later stage relies on these (eos/pad ids, chat template): refuse rather than silently add them
-        from tasks import chat
+        from lmforge import chat
 
         if not tokens or tokens[0] != chat.EOS:
             raise ValueError(f"the first special token must be the eos {chat.EOS!r}")
         missing = [t for t in chat.SPECIAL_TOKENS[1:] if t not in tokens]
         if missing:
-            raise ValueError(f"missing lmforge chat token(s) {missing} (see tasks/chat.py)")
+            raise ValueError(f"missing lmforge chat token(s) {missing} (see lmforge/chat.py)")
         if len(set(tokens)) != len(tokens) or not all(tokens):
             raise ValueError("special tokens must be distinct and non-empty")
         return tokens
@@ -519,7 +517,7 @@ def read_yaml(path: str | Path) -> dict:
         what = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{path}{where}: not valid YAML ({what})") from None
     if data is None:  # an empty file would silently run every stage at its defaults
-        raise ConfigError(f"{path}: empty (write it with `python -m tasks.preset default`)")
+        raise ConfigError(f"{path}: empty (write it with `python -m lmforge.cli.preset default`)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of stage sections")
     return data

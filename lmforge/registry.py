@@ -1,4 +1,4 @@
-"""The model registry seam (MLflow 3 aliases; tasks/tracking.py is the rest of the MLflow seam).
+"""The model registry seam (MLflow 3 aliases; lmforge/tracking.py is the rest of the MLflow seam).
 
 A flow run that made a new evaluation registers, as new versions with alias `candidate`:
 
@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks import tracking
-from tasks.config import load_params
+from lmforge import tracking
+from lmforge.config import load_params
 
 POLICY = "lmforge"
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -197,8 +197,8 @@ def register_and_promote(root: Path, run_id: str) -> Decision:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Register a finished run's outputs by hand: python -m tasks.registry RUN_ID [--root DIR]."""
-    ap = argparse.ArgumentParser(prog="python -m tasks.registry", description=main.__doc__)
+    """Register a finished run's outputs by hand: python -m lmforge.registry RUN_ID [--root DIR]."""
+    ap = argparse.ArgumentParser(prog="python -m lmforge.registry", description=main.__doc__)
     ap.add_argument("run_id", help="the MLflow run the models are logged under (the flow's parent run)")
     ap.add_argument("--root", default=".", help="project folder (holds out/ and params.yaml)")
     args = ap.parse_args(argv)

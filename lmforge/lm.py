@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.config import PretrainConfig
-from tasks.corpus import iter_texts
-from tasks.runtime import pick_device
-from tasks.stage import InputError
+from lmforge.config import PretrainConfig
+from lmforge.data.corpus import iter_texts
+from lmforge.runtime import pick_device
+from lmforge.errors import InputError
 
 
 def tokenize_split(tokenizer, corpus: Path, split: str, source: str | None = None) -> np.ndarray:

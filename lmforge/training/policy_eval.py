@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from tasks import posttrain_data
-from tasks.chat import END
-from tasks.stage import InputError
+from lmforge.data import posttrain_data
+from lmforge.chat import END
+from lmforge.errors import InputError
 
 
 def load_policy(path: Path):
@@ -31,7 +31,7 @@ def load_policy(path: Path):
 
 def load_models(policy: Path, reward_model: Path, pad_token_id: int, device):
     """(trainable policy, frozen copy of it as the reference, frozen reward model), all on `device`."""
-    from tasks.scoring import load_reward_model
+    from lmforge.training.scoring import load_reward_model
 
     model = load_policy(policy).to(device)
     ref = load_policy(policy).to(device).eval().requires_grad_(False)
@@ -41,7 +41,7 @@ def load_models(policy: Path, reward_model: Path, pad_token_id: int, device):
 
 def check_same_tokenizer(tok, policy: Path, reward_model: Path) -> None:
     """The reward model must read the policy's token ids as the same text."""
-    from tasks.models import load_tokenizer
+    from lmforge.models import load_tokenizer
 
     if (Path(reward_model) / "tokenizer_config.json").exists() and load_tokenizer(reward_model).get_vocab() != tok.get_vocab():
         raise InputError(f"{reward_model}: its tokenizer differs from the policy's ({policy}); both must share one")
@@ -125,7 +125,7 @@ def kl_along(policy, ref, queries: list[list[int]], answers: list[list[int]], pa
 
 def preference_accuracy(model, tokenizer, pairs: list[dict], batch_size: int = 64) -> float:
     """Share of preference pairs where the model itself gives the chosen reply the higher log-probability."""
-    from tasks.scoring import chat_ids
+    from lmforge.training.scoring import chat_ids
 
     queries = [query_ids(tokenizer, p["prompt"]) for p in pairs]
 
@@ -142,7 +142,7 @@ def measure(policy, tokenizer, rows: list[dict], *, batch_size: int, max_new_tok
     """Held-out metrics of a policy on prompt rows ({"prompt", "answer", "task"}), keys ending in `suffix`,
     and one sample per row. Replies are greedy (temperature 0) or sampled with `seed`. rm_score needs
     `reward_model`; kl_ref needs `ref`."""
-    from tasks.scoring import score_ids
+    from lmforge.training.scoring import score_ids
 
     end_id, pad_id = tokenizer.convert_tokens_to_ids(END), tokenizer.pad_token_id
     queries = [query_ids(tokenizer, r["prompt"]) for r in rows]

@@ -25,14 +25,11 @@ from typing import Any, Callable, Iterable, Mapping
 
 from pydantic import BaseModel
 
-from tasks import tracking
-from tasks.config import ConfigError, load_stage
+from lmforge import tracking
+from lmforge.errors import ConfigError, InputError
+from lmforge.config import load_stage
 
 META_FILE = "lmforge.json"
-
-
-class InputError(ValueError):
-    """Bad input data (missing file, malformed line, empty corpus): reported in one line, exit code 2."""
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -105,7 +102,7 @@ def execute(stage: str, fn: Callable[..., dict], cfg: BaseModel, out: Path, inpu
     """Run a stage function into a staging folder and publish its outputs; returns its metrics."""
     for name, path in inputs.items():
         require(path, name.replace("_", " "))
-    from tasks import distributed
+    from lmforge import distributed
 
     if distributed.is_worker() and not distributed.is_main():
         # one of several processes: it trains like rank 0, but its outputs go to a scratch folder and its
@@ -161,7 +158,7 @@ def cli(stage: str, fn: Callable[..., dict], inputs: Iterable[str] = (), argv: l
         ap.add_argument(f"--{name.replace('_', '-')}", dest=name, **kwargs)
     ap.add_argument("--out", type=Path, required=True, help="stage output folder")
     args = vars(ap.parse_args(argv))
-    from tasks import distributed
+    from lmforge import distributed
 
     try:
         params = args.pop("params")

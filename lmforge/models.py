@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks import chat, lowbit
-from tasks.stage import InputError
+from lmforge import chat
+from lmforge import lowbit
+from lmforge.errors import InputError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")  # torch.save / pickle: loading may run code
@@ -87,7 +88,7 @@ def is_quantized(model) -> bool:
 
 
 def ready_lowbit(model, device_type: str, training: bool = False):
-    """Make a model with bitsandbytes layers safe on this machine's kernels (see tasks.lowbit); say once
+    """Make a model with bitsandbytes layers safe on this machine's kernels (see lmforge.lowbit); say once
     which 4-bit kernel it gets. Returns the model."""
     if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
         lowbit.guard_packed_path(model, training=training)

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from tasks import distributed
-from tasks.chat import END
-from tasks.config import PpoConfig
+from lmforge import distributed
+from lmforge.chat import END
+from lmforge.config import PpoConfig
 
 # TRL log keys -> the names the stage uses in curves.csv
 CURVES = {
@@ -181,7 +181,7 @@ class Checkpoints(TrainerCallback):
             save_model(self.value, str(partial / "value.safetensors"))
             torch.save(optimizer.state_dict(), partial / "optimizer.pt")
             torch.save(lr_scheduler.state_dict(), partial / "scheduler.pt")
-            # tasks.resume.earlier_logs reads the curve up to here from this file, as from a Trainer checkpoint's
+            # lmforge.training.resume.earlier_logs reads the curve up to here from this file, as from a Trainer checkpoint's
             (partial / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": state.log_history}))
         distributed.barrier()
         if distributed.is_main():

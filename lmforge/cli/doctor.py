@@ -1,6 +1,6 @@
 """`make doctor`: what this machine offers and what lmforge will use, on one screen, no stack traces.
 
-    python -m tasks.doctor
+    python -m lmforge.cli.doctor
 
 Each line is `name: what was found`, with `-> what lmforge does with it` where that follows. A probe that
 fails says why in a few words instead of raising. Exit code 0 unless the Python itself is unsupported.
@@ -94,7 +94,7 @@ def _memory_disk() -> str:
 
 
 def _tracking() -> str:
-    from tasks import tracking
+    from lmforge import tracking
 
     if os.environ.get(tracking.SWITCH_ENV, "").lower() == "off":
         return f"off ({tracking.SWITCH_ENV}=off)"
@@ -109,7 +109,7 @@ def _tracking() -> str:
 def _bitsandbytes() -> str:
     from importlib.metadata import version
 
-    from tasks import lowbit
+    from lmforge import lowbit
 
     why = lowbit.available()
     if why:

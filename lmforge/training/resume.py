@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-from tasks import distributed
+from lmforge import distributed
 
 MARK = "fingerprint"
 

@@ -23,7 +23,7 @@ class OnLog(TrainerCallback):
             self.fn(state.global_step, dict(logs))
 
     def replay(self, earlier: list[tuple[int, dict]]) -> None:
-        """Logs of the run a resume continues (tasks.resume.earlier_logs), as if logged now."""
+        """Logs of the run a resume continues (lmforge.training.resume.earlier_logs), as if logged now."""
         for step, logs in earlier:
             self.fn(step, dict(logs))
 
@@ -47,6 +47,6 @@ class ForwardLogs(TrainerCallback):
         self.history.append({"step": step, **named})
 
     def replay(self, earlier: list[tuple[int, dict]]) -> None:
-        """Logs of the run a resume continues (tasks.resume.earlier_logs), as if logged now."""
+        """Logs of the run a resume continues (lmforge.training.resume.earlier_logs), as if logged now."""
         for step, logs in earlier:
             self.record(step, logs)

@@ -1,6 +1,6 @@
 """lm-eval `process_results` hooks for the benchmark templates (loaded by `!function scoring.<name>`)."""
 
-from tasks.posttrain_data import score
+from lmforge.data.posttrain_data import score
 
 
 def arith_gen_results(doc: dict, results: list[str]) -> dict:

@@ -29,8 +29,8 @@ import random
 from pathlib import Path
 from typing import Callable
 
-from tasks.chat import END, EOS
-from tasks.stage import InputError
+from lmforge.chat import END, EOS
+from lmforge.errors import InputError
 
 SPLITS = ("train", "test")
 TEST_PERCENT = 20

@@ -331,7 +331,7 @@ class ProcessTracker:
         env = {**os.environ, ROOT_ENV: str(root)}
         # its messages (MLflow's "creating tables"...) go to a file, read back into the error if it fails
         self._log = tempfile.TemporaryFile("w+")
-        self._proc = subprocess.Popen([sys.executable, "-c", "from tasks.tracking import _serve; _serve()"],
+        self._proc = subprocess.Popen([sys.executable, "-c", "from lmforge.tracking import _serve; _serve()"],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env,
                                       text=True, bufsize=1)
         self._run_id: str | None = None
