@@ -1,4 +1,6 @@
-"""python -m bench [--only ROW ...] [--full] [--quick] [--out DIR]: run the benchmark rows, write the results."""
+"""python -m bench [--only ROW ...] [--full] [--quick] [--out DIR] [--render]: run the benchmark rows, write
+bench/results/latest.json and docs/benchmarks.md. With --only, the rows not re-run are kept from the previous
+results, each with the date, commit and machine of the run that measured it. --render only rewrites the page."""
 
 from __future__ import annotations
 
@@ -60,6 +62,25 @@ def run_group(ctx: Context, name: str, number: str, title: str, fn: Callable, pr
     return rows
 
 
+def group_of(row: dict) -> str:
+    """The group a row belongs to: recorded since rows carry it, else from its number ("4b" -> 4, "5c" -> 5b)."""
+    if row.get("group"):
+        return row["group"]
+    number = str(row.get("number", ""))
+    digits = number.rstrip("abcdefghijklmnopqrstuvwxyz")
+    candidates = [g for g in GROUPS if g[1].rstrip("ab") == digits and g[1] <= number]
+    return max(candidates, key=lambda g: g[1])[0] if candidates else ""
+
+
+def merge(new: list[dict], previous: dict, ran: set[str]) -> list[dict]:
+    """Rows in GROUPS order: the groups that ran from this run, the others as the previous results had them."""
+    old = report.rows_with_runs(previous) if previous else []
+    merged = []
+    for name, *_ in GROUPS:
+        merged += [r for r in (new if name in ran else old) if group_of(r) == name]
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--only", nargs="+", metavar="ROW", help="rows by name or number: " +
@@ -67,12 +88,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true",
                     help="also run the default lifecycle (row 7) and the test suite (row 9) here: minutes")
     ap.add_argument("--quick", action="store_true", help="smallest sizes: checks the machinery, figures mean little")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="folder for latest.md/latest.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="folder for latest.json")
     ap.add_argument("--records", type=Path, default=ROOT,
                     help="project whose out/*/metrics.json rows 7-8 read (only read, never written)")
     ap.add_argument("--workdir", type=Path, help="temporary workspace (default: a new temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep the workspace (for looking into a failed row)")
+    ap.add_argument("--doc", type=Path, help="the page to write (default: docs/benchmarks.md for the default --out, "
+                    "else OUT/benchmarks.md)")
+    ap.add_argument("--render", action="store_true", help="measure nothing: rewrite the page from OUT/latest.json")
     args = ap.parse_args(argv)
+    if args.render:
+        doc = report.render(args.out / "latest.json", args.doc or report.default_doc(args.out))
+        log(f"wrote {doc} from {args.out / 'latest.json'}")
+        return 0
     groups = selected(args.only)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -84,29 +112,48 @@ def main(argv: list[str] | None = None) -> int:
     sizes = sizes_for(args.quick, torch.cuda.is_available())
     ctx = Context(sizes, full=args.full, records=args.records, workdir=args.workdir, keep=args.keep)
     log(f"sizes {sizes.name}, workspace {ctx.workdir}")
+    from lmforge.cli.doctor import cpu_flags
+
     machine = describe()
+    machine["cpu_flags"] = sorted(cpu_flags())
+    commit, created = report.git_commit(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
     previous = report.previous_rows(args.out)
     start, load_start = time.perf_counter(), load_avg()
     rows: list[Row] = []
+    group: dict[int, str] = {}  # id(row) -> the group that produced it
     try:
         for name, number, title, fn in groups:
-            rows += run_group(ctx, name, number, title, fn, previous)
+            for row in run_group(ctx, name, number, title, fn, previous):
+                rows.append(row)
+                group[id(row)] = name
     finally:
         ctx.close()
     load_end = load_avg()
     usable = machine["usable_cpus"] or 1
+    run_args = list(argv if argv is not None else sys.argv[1:])
+    noisy = bool(load_start is not None and load_start > 0.5 * usable)
+    this_run = {"created": created, "commit": commit, "args": run_args, "machine": machine,
+                "load": {"start": load_start, "end": load_end}, "noisy": noisy}
+    new_rows = []
+    for row in rows:
+        d = dict(row.as_dict(), group=group[id(row)])
+        # the test-suite time carried forward (row 9 without --full) keeps the run that measured it
+        carried = d["key"] == "test_suite" and d["details"].get("source") == "recorded" and d["key"] in previous
+        d["run"] = previous[d["key"]]["run"] if carried else this_run
+        new_rows.append(d)
     result = {
-        "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "args": list(argv if argv is not None else sys.argv[1:]),
+        "created": created,
+        "commit": commit,
+        "args": run_args,
         "sizes": asdict(sizes),
         "machine": machine,
         "load": {"start": load_start, "end": load_end},
         # other work on the machine when we started (ours comes on top during the run)
-        "noisy": bool(load_start is not None and load_start > 0.5 * usable),
+        "noisy": noisy,
         "duration_s": round(time.perf_counter() - start, 1),
-        "rows": [r.as_dict() for r in rows],
+        "rows": merge(new_rows, report.previous_result(args.out), {g[0] for g in groups}) if args.only else new_rows,
     }
-    md, js = report.write(result, args.out)
+    md, js = report.write(result, args.out, args.doc)
     print(md.read_text())
     log(f"wrote {md} and {js}")
     return 1 if any(r.status == "error" for r in rows) else 0

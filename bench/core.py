@@ -100,7 +100,7 @@ def limit_row(number: str, key: str, title: str, ours: float, limit: float, *, u
 # ------------------------------------------------------------------------------------------ sizes
 @dataclass(frozen=True)
 class Sizes:
-    """How big each measurement is. `quick` checks the machinery; the others are the brief's sizes."""
+    """How big each measurement is. `quick` checks the machinery; the others are the full sizes (CPU or CUDA)."""
 
     name: str
     data_preset: str  # preset whose mix + tokenizer sections make the corpus and tokenizer

@@ -101,18 +101,55 @@ def test_cli_reads_records_and_writes_the_table(tmp_path):
     assert rows["quantize.int8"]["value"] == pytest.approx(0.5)
     assert rows["tests"]["status"] == "skipped"
     assert result["machine"]["cpu"] and result["machine"]["versions"]["torch"]
-    md = (res / "latest.md").read_text()
+    md = (res / "benchmarks.md").read_text()
     assert "| # | figure |" in md and "Quantised generation: int8" in md and "0.5×" in md
+    assert result["commit"] and result["commit"] in md and result["machine"]["cpu_flags"] is not None
     assert not (tmp_path / "ws").exists()  # the workspace is removed after the run
 
     # a test-suite time recorded by an earlier --full run is carried forward, marked as such
+    # (a row written before rows carried their run: it takes the file's, with no commit)
+    result["rows"] = [r for r in result["rows"] if r["key"] != "tests"]
     result["rows"].append(core.limit_row("9", "test_suite", "Test suite", 300.0, 600.0, note="x",
                                          measured_note="passed", recorded="2026-01-01 00:00").as_dict())
+    result["rows"][0]["run"] = dict(result["rows"][0]["run"], created="2026-01-02 00:00:00 UTC", commit="abc1234")
     (res / "latest.json").write_text(json.dumps(result))
     argv = ["--quick", "--only", "9", "--out", str(res), "--records", str(rec), "--workdir", str(tmp_path / "w2")]
     assert main(argv) == 0
-    row = json.loads((res / "latest.json").read_text())["rows"][0]
+    merged = json.loads((res / "latest.json").read_text())
+    rows = {r["key"]: r for r in merged["rows"]}
+    # --only 9 re-ran row 9 only; the other rows are kept with the run that measured them
+    assert list(rows) == ["lifecycle_wall", "quantize.int8", "test_suite"]
+    assert rows["lifecycle_wall"]["run"]["commit"] == "abc1234"
+    assert rows["quantize.int8"]["run"]["created"] == result["created"]
+    row = rows["test_suite"]
     assert row["ours"] == 300.0 and row["met"] is True and "recorded" in row["note"]
+    assert row["run"]["created"] == result["created"]  # carried forward: the run that measured it
+    md = (res / "benchmarks.md").read_text()
+    assert "abc1234" in md and "| A |" in md and "| B |" in md
+
+
+def test_render_rewrites_the_page_from_old_results_without_measuring(tmp_path):
+    row = core.ratio_row("1", "k", "fig", 90.0, 100.0, "tokens/s", baseline_name="loop", at_least=0.95).as_dict()
+    old = {"args": ["--full"], "created": "then", "sizes": {"name": "cpu"}, "duration_s": 1.0, "noisy": False,
+           "machine": {"cpu": "c", "usable_cpus": 2, "logical_cpus": 2, "torch_threads": 2, "gpu": None,
+                       "os": "linux", "python": "3.11", "versions": {}, "tokenizers_parallelism": "false"},
+           "load": {"start": 0.1, "end": 0.2}, "rows": [row]}
+    (tmp_path / "latest.json").write_text(json.dumps(old))
+    assert main(["--render", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "benchmarks.md").read_text()
+    assert "| A | then | not recorded | `python -m bench --full`" in md and "CPU features: not recorded" in md
+    assert "| 0.9× | ≥ 0.95× | **no** | A |" in md
+
+
+def test_the_committed_page_is_the_render_of_the_committed_results():
+    text = report.markdown(json.loads((ROOT / "bench" / "results" / "latest.json").read_text()))
+    assert (ROOT / "docs" / "benchmarks.md").read_text() == text, "run `python -m bench --render`"
+
+
+def test_commit_is_recorded_with_a_dirty_mark(tmp_path):
+    assert report.git_commit(tmp_path) == "not recorded"  # not a git checkout
+    commit = report.git_commit()
+    assert commit == "not recorded" or len(commit.removesuffix("-dirty")) >= 4
 
 
 def test_row_selection_by_name_or_number():
@@ -130,5 +167,5 @@ def test_markdown_marks_skips_and_failed_targets():
                                         "gpu": None, "os": "linux", "python": "3.11", "versions": {},
                                         "tokenizers_parallelism": "false"},
                             "load": {"start": 0.1, "end": 0.2}, "rows": [row.as_dict(), skip.as_dict()]})
-    assert "| 0.9× | ≥ 0.95× | **no** |" in text
+    assert "| 0.9× | ≥ 0.95× | **no** | A |" in text
     assert "skipped: tasks/sft.py does not exist yet" in text
