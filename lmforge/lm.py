@@ -1,16 +1,21 @@
 """The decoder lmforge pretrains and what its training loop needs around it: packed token arrays, the
 Llama-style model from its knobs, the AdamW parameter groups, the learning-rate schedule, the device and
-precision, and the FLOPs per token. Shared by the pretrain stage and the benchmarks (bench/), which must
+precision, the FLOPs per token, and the loop's resumable checkpoints. Shared by the pretrain stage and the benchmarks (bench/), which must
 measure the very model and data the stage trains."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lmforge import distributed
 from lmforge.config import PretrainConfig
 from lmforge.data.corpus import iter_texts
 from lmforge.runtime import pick_device
@@ -100,3 +105,52 @@ def flops_per_token(model, seq_len: int, n_params: int | None = None) -> float:
     embed = cfg.vocab_size * cfg.hidden_size
     n = total - (0 if cfg.tie_word_embeddings else embed)
     return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def fingerprint(cfg: PretrainConfig, train_tokens: np.ndarray) -> str:
+    """Identifies a training run: a checkpoint is resumed only by the run that wrote it."""
+    h = hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode())
+    h.update(train_tokens[:100_000].tobytes())
+    h.update(str(len(train_tokens)).encode())
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(path: Path, step: int, model, optimizer, rng: torch.Generator, fp: str, history: dict) -> None:
+    """Every process calls it (gathering FSDP shards is collective); rank 0 writes. The full, unsharded state
+    makes the checkpoint independent of the number of processes that resume it."""
+    model_state, optim_state = distributed.full_state(model, optimizer)
+    if not distributed.is_main():
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "last.pt.tmp"
+    torch.save(
+        {"step": step, "model": model_state, "optimizer": optim_state, "rng": rng.get_state(),
+         "fingerprint": fp, "history": history, "format": _state_format()},
+        tmp,
+    )
+    tmp.replace(path / "last.pt")
+
+
+def _state_format() -> str:
+    # FSDP's full optimizer state is keyed by parameter name, a plain optimizer's by position
+    return "fsdp" if distributed.strategy() == "fsdp" and distributed.is_worker() else "plain"
+
+
+def load_checkpoint(path: Path, fp: str) -> dict | None:
+    file = path / "last.pt"
+    if not file.exists():
+        return None
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)  # tensors and plain data: no code runs
+    except pickle.UnpicklingError as err:
+        raise InputError(f"{file}: not a checkpoint lmforge wrote (it holds objects beyond tensors and plain data, "
+                         f"and loading those could run code): delete it to start over ({str(err).splitlines()[0]})") from None
+    if state.get("fingerprint") != fp:
+        print(f"pretrain: ignoring {file}: written by a different config or corpus", file=sys.stderr)
+        return None
+    if state.get("format", "plain") != _state_format():
+        print(f"pretrain: ignoring {file}: written under launch.strategy {'fsdp' if state.get('format') == 'fsdp' else 'ddp'}"
+              ", which this run does not use", file=sys.stderr)
+        return None
+    return state

@@ -13,7 +13,6 @@ Output: out/model (policy, loads with `AutoModelForCausalLM`, tokenizer beside i
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 from lmforge import distributed
@@ -21,15 +20,14 @@ from lmforge.data import posttrain_data
 from lmforge.training import resume
 from lmforge.training.callbacks import ForwardLogs
 from lmforge.config import DpoConfig
-from lmforge.models import load_tokenizer, set_generation_defaults
-from lmforge.training.policy_eval import check_same_tokenizer, load_models, measure, preference_accuracy, write_samples
-from lmforge.runtime import pick_device
-from lmforge.stats import paired_gain
+from lmforge.models import load_tokenizer
+from lmforge.training.policy_eval import check_same_tokenizer, measure, preference_accuracy
+from lmforge.training.alignment import before_after, load_policies, publish_policy
+from lmforge.training.skeleton import log_before, trainer_args
 from lmforge.errors import InputError
-from lmforge.stage import cli, write_meta
+from lmforge.stage import cli
 from lmforge.tracking import Tracker
 
-TRAINER_TMP = "_trainer_tmp"
 PAIR_KEYS = ("prompt", "chosen", "rejected")
 
 
@@ -58,7 +56,6 @@ def make_trainer(cfg: DpoConfig, model, ref, tokenizer, train: list[dict], test:
     from trl import DPOTrainer
 
     args = TrlDpoConfig(
-        output_dir=str(work),
         max_steps=cfg.max_steps,
         per_device_train_batch_size=distributed.per_process(cfg.batch_size, "batch_size"),
         per_device_eval_batch_size=cfg.eval_batch_size,
@@ -71,18 +68,8 @@ def make_trainer(cfg: DpoConfig, model, ref, tokenizer, train: list[dict], test:
         loss_type=[cfg.loss_type, "sft"] if cfg.sft_weight > 0 else [cfg.loss_type],
         loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight > 0 else None,
         max_length=min(cfg.max_length, getattr(model.config, "max_position_embeddings", cfg.max_length)),
-        logging_steps=cfg.log_every,
-        logging_first_step=True,
         eval_strategy="no",
-        **resume.save_args(work if checkpoints else None, cfg.checkpoint_every),  # resumable: see lmforge.training.resume
-        report_to="none",
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        bf16=device == "cuda",
-        use_cpu=device == "cpu",
-        activation_checkpointing=False,  # TRL turns it on by default; pointless for small models, and slower
-        dataloader_num_workers=0,
-        **distributed.trainer_args(),
+        **trainer_args(cfg, work, device, checkpoints=checkpoints),  # resumable: see lmforge.training.resume
     )
     return DPOTrainer(
         model=model, ref_model=ref, args=args, processing_class=tokenizer,
@@ -103,59 +90,41 @@ def run(cfg: DpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker:
     test_pairs = [{k: r[k] for k in PAIR_KEYS} for r in posttrain_data.preference_pairs("test", cfg.test_pairs, cfg.seed)]
     test = posttrain_data.prompts("test", cfg.test_prompts, cfg.seed)
 
-    device = pick_device(cfg.device, "dpo", cfg.num_threads)
     set_seed(cfg.seed)
-    model, ref, rm = load_models(policy, reward_model, tok.pad_token_id, device)
-    tracker.log_params({"n_params": sum(p.numel() for p in model.parameters()), "pairs_total": len(train),
-                        "device_used": device.type})
+    device, model, ref, rm = load_policies("dpo", cfg, policy, reward_model, tok, tracker, pairs_total=len(train))
     kw = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, reward_model=rm, seed=cfg.seed)
     before, samples_before = measure(model, tok, test, suffix="_before", **kw)
     before["pref_accuracy_before"] = preference_accuracy(model, tok, test_pairs, cfg.eval_batch_size)
-    tracker.log_metrics({k: v for k, v in before.items() if not isinstance(v, dict)}, step=0)
+    log_before(tracker, before)
 
     history: list[dict] = []
-    checkpoint = resume.start("dpo", checkpoints, resume.fingerprint(cfg, [policy], train))
-    work = checkpoints or out / TRAINER_TMP
-    trainer = make_trainer(cfg, model, ref, tok, train, test_pairs, work, device.type, tracker, history,
-                           checkpoints=checkpoints is not None)
-    ForwardLogs(tracker, history).replay(resume.earlier_logs(checkpoint))  # the killed attempt's first losses
-    t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    train_s = time.perf_counter() - t0
+    with resume.Resumable("dpo", checkpoints, resume.fingerprint(cfg, [policy], train), out) as run:
+        trainer = make_trainer(cfg, model, ref, tok, train, test_pairs, run.work, device.type, tracker, history,
+                               checkpoints=run.saves)
+        result = run.train(trainer.train, ForwardLogs(tracker, history))  # with the killed attempt's first losses
     final = trainer.evaluate()
-    resume.finish(work)  # done: a later run starts fresh
     model = trainer.model
 
     after, samples_after = measure(model, tok, test, ref=ref, **kw)
     after["pref_accuracy"] = preference_accuracy(model, tok, test_pairs, cfg.eval_batch_size)
     losses = [h["train/loss"] for h in history if "train/loss" in h]
     metrics = {
-        **after, **before,
-        # on the same held-out items, with its 95% paired-bootstrap interval (lmforge.stats)
-        "gt_accuracy_gain": paired_gain([x["correct"] for x in samples_before], [x["correct"] for x in samples_after]),
+        **before_after(before, after, samples_before, samples_after),
         "implicit_reward_accuracy": round(final["eval_rewards/accuracies"], 4),
         "implicit_reward_margin": round(final["eval_rewards/margins"], 4),
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
-        "resumed_from_step": resume.step_of(checkpoint),
+        "resumed_from_step": run.step,
         "steps": result.global_step, "train_pairs": len(train), "test_pairs": len(test_pairs),
-        "test_prompts": len(test), "train_s": round(train_s, 2),
+        "test_prompts": len(test), "train_s": round(run.seconds, 2),
     }
-
-    write_samples(out / "samples.jsonl", test, samples_before, samples_after)
-    tracker.log_artifact(out / "samples.jsonl")
-
-    model_dir = out / "model"
-    set_generation_defaults(model, tok)
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    write_meta(model_dir, "dpo", cfg, metrics, {"policy": policy, "reward_model": reward_model})
+    publish_policy(out, "dpo", cfg, metrics, {"policy": policy, "reward_model": reward_model}, model, tok, tracker,
+                   test=test, samples_before=samples_before, samples_after=samples_after)
     return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli("dpo", run, inputs=("policy", "reward_model"), argv=argv, options={
-        "checkpoints": {"type": Path, "default": None, "help": "scratch folder for resumable checkpoints (not an output)"}})
+    return cli("dpo", run, inputs=("policy", "reward_model"), argv=argv, options=resume.OPTION)
 
 
 if __name__ == "__main__":

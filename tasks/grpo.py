@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import time
 from pathlib import Path
 
 from lmforge import distributed
@@ -24,16 +23,15 @@ from lmforge.training import resume
 from lmforge.training.callbacks import OnLog
 from lmforge.chat import END
 from lmforge.config import GrpoConfig
-from lmforge.models import load_tokenizer, set_generation_defaults
-from lmforge.training.policy_eval import check_same_tokenizer, load_models, measure, query_ids, write_curves, write_samples
-from lmforge.runtime import pick_device
+from lmforge.models import load_tokenizer
+from lmforge.training.policy_eval import check_same_tokenizer, measure, query_ids
 from lmforge.training.scoring import score_ids
-from lmforge.stats import paired_gain
+from lmforge.training.alignment import before_after, load_policies, publish_policy
+from lmforge.training.skeleton import log_before, trainer_args
 from lmforge.errors import InputError
-from lmforge.stage import cli, write_meta
+from lmforge.stage import cli
 from lmforge.tracking import Tracker
 
-TRAINER_TMP = "_trainer_tmp"
 MAX_ANSWER_CHARS = 40  # a well-formed reply to the built-in tasks is a number or two words
 CURVES = {"reward": "reward", "reward_std": "reward_std", "kl": "kl", "entropy": "entropy",
           "rewards/correct/mean": "correct", "rewards/partial/mean": "partial", "rewards/format/mean": "format", "rewards/reward_model/mean": "rm_score",
@@ -118,7 +116,6 @@ def make_trainer(cfg: GrpoConfig, model, tokenizer, rows: list[dict], work: Path
     gen_tok.eos_token = END
     funcs, weights = reward_functions(tokenizer, cfg, reward_model)
     args = TrlGrpoConfig(
-        output_dir=str(work),
         max_steps=cfg.max_steps,
         per_device_train_batch_size=distributed.per_process(cfg.prompts_per_step * cfg.group_size, "prompts_per_step x group_size"),
         num_generations=cfg.group_size,
@@ -132,17 +129,7 @@ def make_trainer(cfg: GrpoConfig, model, tokenizer, rows: list[dict], work: Path
         loss_type=cfg.loss_type,
         scale_rewards=cfg.scale_rewards,
         reward_weights=weights,
-        logging_steps=cfg.log_every,
-        logging_first_step=True,
-        **resume.save_args(work if checkpoints else None, cfg.checkpoint_every),  # resumable: see lmforge.training.resume
-        report_to="none",
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        bf16=device == "cuda",
-        use_cpu=device == "cpu",
-        activation_checkpointing=False,
-        dataloader_num_workers=0,
-        **distributed.trainer_args(),
+        **trainer_args(cfg, work, device, checkpoints=checkpoints),  # resumable: see lmforge.training.resume
     )
     return GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=Dataset.from_list(rows),
                        processing_class=gen_tok, callbacks=callbacks)
@@ -159,14 +146,11 @@ def run(cfg: GrpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker
     check_same_tokenizer(tok, policy, reward_model)
     test = posttrain_data.prompts("test", cfg.test_prompts, cfg.seed)
 
-    device = pick_device(cfg.device, "grpo", cfg.num_threads)
     set_seed(cfg.seed)
-    model, ref, rm = load_models(policy, reward_model, tok.pad_token_id, device)
-    tracker.log_params({"n_params": sum(p.numel() for p in model.parameters()), "prompts_total": len(rows),
-                        "device_used": device.type})
+    device, model, ref, rm = load_policies("grpo", cfg, policy, reward_model, tok, tracker, prompts_total=len(rows))
     kw = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.response_length, reward_model=rm, seed=cfg.seed)
     before, samples_before = measure(model, tok, test, suffix="_before", **kw)
-    tracker.log_metrics({k: v for k, v in before.items() if not isinstance(v, dict)}, step=0)
+    log_before(tracker, before)
 
     curves: list[dict] = []
 
@@ -178,48 +162,32 @@ def run(cfg: GrpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker
 
     eos = model.config.eos_token_id  # the trainer aligns the config with its <|end|> copy; saved models keep theirs
     read_in_training = [policy] + ([reward_model] if cfg.reward_model_weight > 0 else [])  # what training reads
-    checkpoint = resume.start("grpo", checkpoints, resume.fingerprint(cfg, read_in_training, rows))
-    work = checkpoints or out / TRAINER_TMP
     on_log = OnLog(collect)
-    on_log.replay(resume.earlier_logs(checkpoint))  # the killed attempt's curves
-    trainer = make_trainer(cfg, model, tok, rows, work, device.type, rm, [on_log], checkpoints=checkpoints is not None)
-    t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    train_s = time.perf_counter() - t0
-    resume.finish(work)  # done: a later run starts fresh
+    with resume.Resumable("grpo", checkpoints, resume.fingerprint(cfg, read_in_training, rows), out) as run:
+        trainer = make_trainer(cfg, model, tok, rows, run.work, device.type, rm, [on_log], checkpoints=run.saves)
+        result = run.train(trainer.train, on_log)  # with the killed attempt's curves
     model = trainer.model
     model.config.eos_token_id = eos
 
     after, samples_after = measure(model, tok, test, ref=ref, **kw)
     tail = curves[-5:]
     metrics = {
-        **after, **before,
-        # on the same held-out items, with its 95% paired-bootstrap interval (lmforge.stats)
-        "gt_accuracy_gain": paired_gain([x["correct"] for x in samples_before], [x["correct"] for x in samples_after]),
+        **before_after(before, after, samples_before, samples_after),
         "train_reward_first": round(curves[0]["reward"], 4) if curves and "reward" in curves[0] else None,
         "train_reward_last": round(sum(r.get("reward", 0.0) for r in tail) / len(tail), 4) if tail else None,
         "kl_last": round(sum(r.get("kl", 0.0) for r in tail) / len(tail), 4) if tail and cfg.kl_coef > 0 else None,
-        "resumed_from_step": resume.step_of(checkpoint),
+        "resumed_from_step": run.step,
         "steps": result.global_step, "episodes": result.global_step * cfg.prompts_per_step * cfg.group_size,
-        "train_prompts": len(rows), "test_prompts": len(test), "train_s": round(train_s, 2),
+        "train_prompts": len(rows), "test_prompts": len(test), "train_s": round(run.seconds, 2),
     }
-
-    write_curves(out / "curves.csv", curves)  # dvc.yaml declares it: with no step logged, just the header
-    write_samples(out / "samples.jsonl", test, samples_before, samples_after)
-    tracker.log_artifact(out / "curves.csv")
-    tracker.log_artifact(out / "samples.jsonl")
-
-    model_dir = out / "model"
-    set_generation_defaults(model, tok)
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)  # the stage's tokenizer (eos <|endoftext|>), not the trainer's copy
-    write_meta(model_dir, "grpo", cfg, metrics, {"policy": policy, "reward_model": reward_model})
+    # the stage's tokenizer (eos <|endoftext|>) is saved, not the trainer's copy
+    publish_policy(out, "grpo", cfg, metrics, {"policy": policy, "reward_model": reward_model}, model, tok, tracker,
+                   test=test, samples_before=samples_before, samples_after=samples_after, curves=curves)
     return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli("grpo", run, inputs=("policy", "reward_model"), argv=argv, options={
-        "checkpoints": {"type": Path, "default": None, "help": "scratch folder for resumable checkpoints (not an output)"}})
+    return cli("grpo", run, inputs=("policy", "reward_model"), argv=argv, options=resume.OPTION)
 
 
 if __name__ == "__main__":

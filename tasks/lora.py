@@ -18,11 +18,11 @@ from pathlib import Path
 from lmforge import chat
 from lmforge import lowbit
 from lmforge.config import LoraConfig
-from lmforge.training.finetune import answer_accuracy, finetune, training_conversations
-from lmforge.models import context_length, load_tokenizer, ready_lowbit, set_generation_defaults
+from lmforge.training import resume
+from lmforge.training.finetune import answer_accuracy, finetune, prepare
+from lmforge.training.skeleton import save_model
+from lmforge.models import ready_lowbit
 from lmforge.data.posttrain_data import conversations
-from lmforge.training.resume import fingerprint
-from lmforge.runtime import pick_device
 from lmforge.errors import InputError
 from lmforge.stage import cli, write_meta
 
@@ -60,12 +60,9 @@ def run(cfg: LoraConfig, *, base: Path, out: Path, tracker, checkpoints: Path | 
     import torch
     from peft import LoraConfig as PeftLoraConfig
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, set_seed
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(base)  # checks the model folder's files too
-    train_convs = training_conversations(cfg, tokenizer, context_length(base))  # before anything heavy
-    device = pick_device(cfg.device, "lora", cfg.num_threads).type
-    set_seed(cfg.seed)
+    tokenizer, train_convs, device = prepare(cfg, base, "lora")
     model = load_base(base, cfg, device)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = sorted(set(cfg.target_modules) - present)
@@ -77,7 +74,7 @@ def run(cfg: LoraConfig, *, base: Path, out: Path, tracker, checkpoints: Path | 
         task_type="CAUSAL_LM",
     )
     trainer, metrics = finetune(cfg, model, tokenizer, train_convs, out, tracker, device, peft_config=peft_config,
-                                checkpoints=checkpoints, fp=fingerprint(cfg, [base], train_convs))
+                                checkpoints=checkpoints, fp=resume.fingerprint(cfg, [base], train_convs))
     trainable, total = trainer.model.get_nb_trainable_parameters()
     metrics.update(trainable_params=trainable, total_params=total, trainable_share=trainable / total, qlora=cfg.qlora)
 
@@ -94,18 +91,13 @@ def run(cfg: LoraConfig, *, base: Path, out: Path, tracker, checkpoints: Path | 
     merged_acc, _ = answer_accuracy(merged, tokenizer, test_rows, cfg.eval_batch_size, cfg.max_new_tokens)
     metrics["merged_accuracy"] = merged_acc["accuracy"]
 
-    model_dir = out / "model"
-    set_generation_defaults(merged, tokenizer)
-    merged.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    write_meta(model_dir, "lora", cfg, metrics, {"base": base})
-    write_meta(adapter_dir, "lora", cfg, metrics, {"base": base})
+    save_model(out / "model", merged, tokenizer, "lora", cfg, metrics, {"base": base})
+    write_meta(adapter_dir, "lora", cfg, metrics, {"base": base})  # with the merged model's accuracy, as model/ has
     return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli("lora", run, inputs=("base",), argv=argv, options={
-        "checkpoints": {"type": Path, "default": None, "help": "scratch folder for resumable checkpoints (not an output)"}})
+    return cli("lora", run, inputs=("base",), argv=argv, options=resume.OPTION)
 
 
 if __name__ == "__main__":

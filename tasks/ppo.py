@@ -13,7 +13,6 @@ out/samples.jsonl.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,12 +23,12 @@ from lmforge.training import resume
 from lmforge.config import PpoConfig
 from lmforge.training.callbacks import OnLog
 from lmforge.models import load_tokenizer
-from lmforge.runtime import pick_device
-from lmforge.training.policy_eval import check_same_tokenizer, load_models, measure, query_ids, write_curves, write_samples
+from lmforge.training.alignment import before_after, load_policies, publish_policy
+from lmforge.training.policy_eval import check_same_tokenizer, measure, query_ids
 from lmforge.training.scoring import ACCURACY_KEY, load_reward_model
-from lmforge.stats import paired_gain
+from lmforge.training.skeleton import log_before
 from lmforge.errors import InputError
-from lmforge.stage import META_FILE, cli, read_json, write_meta
+from lmforge.stage import META_FILE, cli, read_json
 from lmforge.tracking import Tracker
 
 
@@ -81,16 +80,12 @@ def run(cfg: PpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker:
     prompts = training_prompts(cfg)
     test = posttrain_data.prompts("test", cfg.test_prompts, cfg.seed)
 
-    device = pick_device(cfg.device, "ppo", cfg.num_threads)
-    model, ref, rm = load_models(policy, reward_model, tok.pad_token_id, device)
+    device, model, ref, rm = load_policies("ppo", cfg, policy, reward_model, tok, tracker, prompts_total=len(prompts))
     value = load_reward_model(reward_model, tok.pad_token_id).to(device)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    # names unlike the config keys: MLflow refuses to log a param twice with a different value
-    tracker.log_params({"n_params": sum(p.numel() for p in model.parameters()), "prompts_total": len(prompts),
-                        "device_used": device.type})
 
     before, samples_before = evaluate(model, rm, tok, test, cfg, "_before")
-    tracker.log_metrics({k: v for k, v in before.items() if not isinstance(v, dict)}, step=0)
+    log_before(tracker, before)
 
     curves: list[dict] = []
     names = ppo_backend.CURVES
@@ -103,26 +98,21 @@ def run(cfg: PpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker:
         # "rollout/": statistics of each update's rollouts, unlike the held-out rm_score at the end
         tracker.log_metrics({f"rollout/{k}": v for k, v in row.items() if k != "step"}, step=step)
 
-    checkpoint = resume.start("ppo", checkpoints, resume.fingerprint(cfg, [policy, reward_model], prompts))
     on_log = OnLog(collect)
-    on_log.replay(resume.earlier_logs(checkpoint))  # the killed attempt's updates: curves and tracked metrics whole
-    t0 = time.perf_counter()
-    ppo_backend.train(
-        policy=model, ref_policy=ref, reward_model=rm, value_model=value, tokenizer=tok,
-        queries=[query_ids(tok, p) for p in prompts], cfg=cfg, device=device.type,
-        callbacks=[on_log], checkpoints=checkpoints, resume_from=checkpoint,
-    )
-    train_s = time.perf_counter() - t0
-    resume.finish(checkpoints)
+    with resume.Resumable("ppo", checkpoints, resume.fingerprint(cfg, [policy, reward_model], prompts), out) as run:
+        run.train(  # with the killed attempt's updates: curves and tracked metrics whole
+            ppo_backend.train, on_log, policy=model, ref_policy=ref, reward_model=rm, value_model=value, tokenizer=tok,
+            queries=[query_ids(tok, p) for p in prompts], cfg=cfg, device=device.type,
+            callbacks=[on_log], checkpoints=checkpoints,
+        )
     changed = any(not torch.equal(v, start[k]) for k, v in model.state_dict().items())
 
     after, samples_after = evaluate(model, rm, tok, test, cfg, "", ref=ref)  # the runner logs the final metrics
 
     tail = curves[-5:]  # the last few updates, less noisy than the very last one
     metrics = {
-        **after, **before,
-        "rm_score_gain": round(after["rm_score"] - before["rm_score_before"], 4),
-        "gt_accuracy_gain": paired_gain([x["correct"] for x in samples_before], [x["correct"] for x in samples_after]),
+        **before_after(before, after, samples_before, samples_after,
+                       rm_score_gain=round(after["rm_score"] - before["rm_score_before"], 4)),
         "train_rm_score_first": round(curves[0]["rm_score"], 4) if curves else None,
         "train_rm_score_last": round(sum(r["rm_score"] for r in tail) / len(tail), 4) if tail else None,
         "kl_last": round(sum(r["kl"] for r in tail) / len(tail), 4) if tail else None,
@@ -130,25 +120,18 @@ def run(cfg: PpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker:
         "entropy_last": round(sum(r["entropy"] for r in tail) / len(tail), 4) if tail else None,
         "weights_changed": changed,
         "steps": cfg.steps, "episodes": cfg.steps * cfg.batch_size, "train_prompts": len(prompts),
-        "test_prompts": len(test), "train_s": round(train_s, 2), "reward_accuracy_gate": gate,
-        "resumed_from_step": resume.step_of(checkpoint),
+        "test_prompts": len(test), "train_s": round(run.seconds, 2), "reward_accuracy_gate": gate,
+        "resumed_from_step": run.step,
     }
-
-    write_curves(out / "curves.csv", curves)
-    write_samples(out / "samples.jsonl", test, samples_before, samples_after)
-    tracker.log_artifact(out / "curves.csv")
-    tracker.log_artifact(out / "samples.jsonl")
-
-    model_dir = out / "model"
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    write_meta(model_dir, "ppo", cfg, metrics, {"policy": policy, "reward_model": reward_model})
+    # the policy keeps the generation settings it came with (ppo_backend undoes TRL's)
+    publish_policy(out, "ppo", cfg, metrics, {"policy": policy, "reward_model": reward_model}, model, tok, tracker,
+                   test=test, samples_before=samples_before, samples_after=samples_after, curves=curves,
+                   generation_defaults=False)
     return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli("ppo", run, inputs=("policy", "reward_model"), argv=argv, options={
-        "checkpoints": {"type": Path, "default": None, "help": "scratch folder for resumable checkpoints (not an output)"}})
+    return cli("ppo", run, inputs=("policy", "reward_model"), argv=argv, options=resume.OPTION)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,13 @@ tokenizer stage's output is then unused.
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import math
-import pickle
 import sys
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +29,8 @@ from lmforge import chat
 from lmforge import distributed
 from lmforge.config import PretrainConfig
 from lmforge.data.corpus import source_names
-from lmforge.lm import build_model, eval_windows, flops_per_token, lr_at, param_groups, resolve_device, tokenize_split
+from lmforge.lm import (build_model, eval_windows, fingerprint, flops_per_token, load_checkpoint, lr_at, param_groups,
+                        resolve_device, save_checkpoint, tokenize_split)
 from lmforge.models import check_weights, read_tokenizer
 from lmforge.errors import InputError
 from lmforge.stage import cli, write_meta
@@ -87,7 +88,7 @@ def load_base(cfg: PretrainConfig, tokenizer):
     return model
 
 
-# ------------------------------------------------------------------------------------------ training
+# ------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model, windows: dict[str, torch.Tensor], batch_size: int, device, autocast) -> dict[str, float]:
     """Mean held-out loss per source and overall (token-weighted)."""
@@ -109,54 +110,6 @@ def evaluate(model, windows: dict[str, torch.Tensor], batch_size: int, device, a
     out["all"] = total / count
     model.train()
     return out
-
-
-def fingerprint(cfg: PretrainConfig, train_tokens: np.ndarray) -> str:
-    """Identifies a training run: a checkpoint is resumed only by the run that wrote it."""
-    h = hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode())
-    h.update(train_tokens[:100_000].tobytes())
-    h.update(str(len(train_tokens)).encode())
-    return h.hexdigest()[:16]
-
-
-def save_checkpoint(path: Path, step: int, model, optimizer, rng: torch.Generator, fp: str, history: dict) -> None:
-    """Every process calls it (gathering FSDP shards is collective); rank 0 writes. The full, unsharded state
-    makes the checkpoint independent of the number of processes that resume it."""
-    model_state, optim_state = distributed.full_state(model, optimizer)
-    if not distributed.is_main():
-        return
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / "last.pt.tmp"
-    torch.save(
-        {"step": step, "model": model_state, "optimizer": optim_state, "rng": rng.get_state(),
-         "fingerprint": fp, "history": history, "format": _state_format()},
-        tmp,
-    )
-    tmp.replace(path / "last.pt")
-
-
-def _state_format() -> str:
-    # FSDP's full optimizer state is keyed by parameter name, a plain optimizer's by position
-    return "fsdp" if distributed.strategy() == "fsdp" and distributed.is_worker() else "plain"
-
-
-def load_checkpoint(path: Path, fp: str) -> dict | None:
-    file = path / "last.pt"
-    if not file.exists():
-        return None
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)  # tensors and plain data: no code runs
-    except pickle.UnpicklingError as err:
-        raise InputError(f"{file}: not a checkpoint lmforge wrote (it holds objects beyond tensors and plain data, "
-                         f"and loading those could run code): delete it to start over ({str(err).splitlines()[0]})") from None
-    if state.get("fingerprint") != fp:
-        print(f"pretrain: ignoring {file}: written by a different config or corpus", file=sys.stderr)
-        return None
-    if state.get("format", "plain") != _state_format():
-        print(f"pretrain: ignoring {file}: written under launch.strategy {'fsdp' if state.get('format') == 'fsdp' else 'ddp'}"
-              ", which this run does not use", file=sys.stderr)
-        return None
-    return state
 
 
 def write_curves(folder: Path, history: dict) -> None:
@@ -183,11 +136,33 @@ def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     return "\n".join(blocks)
 
 
+# ------------------------------------------------------------------------------------------- stage
+@dataclass
+class Run:
+    """What the steps of one pretraining run share: its knobs and device, the model and optimizer, the batch
+    generator, the logged history and where a resumed run started."""
+
+    cfg: PretrainConfig
+    tracker: Tracker
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    checkpoints: Path | None
+    local_batch: int  # this process's share of batch_size
+    model: Any = None
+    optimizer: Any = None
+    rng: torch.Generator | None = None
+    fp: str = ""
+    history: dict = field(default_factory=lambda: {"train": [], "val": []})
+    start_step: int = 0
+    train_time: float = 0.0
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+
+
 def run(cfg: PretrainConfig, *, corpus: Path, tokenizer: Path, out: Path, tracker: Tracker,
         checkpoints: Path | None = None) -> dict:
     """Pretrain a Llama-style model (or continue init_from's) on the mixed corpus."""
-    from contextlib import nullcontext
-
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     if cfg.init_from:
@@ -195,11 +170,29 @@ def run(cfg: PretrainConfig, *, corpus: Path, tokenizer: Path, out: Path, tracke
     tok = base_tokenizer(cfg) if cfg.init_from else read_tokenizer(tokenizer)
     device, amp_dtype = resolve_device(cfg)
     distributed.init(device)
-    world, rank = distributed.world_size(), distributed.rank()
-    local_batch = distributed.per_process(cfg.batch_size, "pretrain.batch_size")
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    r = Run(cfg, tracker, device, amp_dtype, checkpoints, distributed.per_process(cfg.batch_size, "pretrain.batch_size"))
 
-    # Data: tokenise once; training samples random windows, evaluation fixed ones.
+    train, val_windows = read_data(cfg, tok, corpus)
+    r.model, r.optimizer = make_model(cfg, tok, device)
+    r.rng = torch.Generator().manual_seed(cfg.seed)
+    r.fp = fingerprint(cfg, train)
+    resume_run(r)
+    n_params, fpt = model_size(r)
+    tracker.log_params({"n_params": n_params, "train_tokens": len(train), "resolved_device": device.type,
+                        "resolved_dtype": "bf16" if amp_dtype else "fp32", "processes": distributed.world_size()})
+
+    train_loop(r, train, val_windows, fpt)
+    model_dir = save_outputs(r, tok, out)
+    if model_dir is None:  # not the main process
+        return {}
+    metrics = final_metrics(r, train, n_params, fpt)
+    write_meta(model_dir, "pretrain", cfg, metrics, {"corpus": corpus, "tokenizer": tokenizer})
+    return metrics
+
+
+# -------------------------------------------------------------------------------------------- data
+def read_data(cfg: PretrainConfig, tok, corpus: Path) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+    """Tokenise once: training samples random windows of the train split, evaluation fixed ones per source."""
     train = tokenize_split(tok, corpus, "train")
     if len(train) < cfg.seq_len + 1:
         raise InputError(f"training split of {corpus} has {len(train)} tokens, fewer than pretrain.seq_len + 1")
@@ -207,7 +200,12 @@ def run(cfg: PretrainConfig, *, corpus: Path, tokenizer: Path, out: Path, tracke
     val_windows = {s: eval_windows(t, cfg.seq_len, cfg.eval_batches * cfg.batch_size) for s, t in val.items() if len(t) > 1}
     if not val_windows:
         raise InputError(f"{corpus} has no held-out text to evaluate on")
+    return train, val_windows
 
+
+# ------------------------------------------------------------------------------------------- model
+def make_model(cfg: PretrainConfig, tok, device):
+    """The model (random init or init_from's) on `device`, compiled if asked, spread over the processes; its AdamW."""
     model = (load_base(cfg, tok) if cfg.init_from else build_model(cfg, tok)).to(device)
     if cfg.compile:
         model.compile()  # in place: parameter names, checkpoints and save_pretrained are unchanged
@@ -216,41 +214,43 @@ def run(cfg: PretrainConfig, *, corpus: Path, tokenizer: Path, out: Path, tracke
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
         fused=device.type == "cuda",
     )
-    rng = torch.Generator().manual_seed(cfg.seed)
-    fp = fingerprint(cfg, train)
-    history: dict[str, list] = {"train": [], "val": []}
-    start_step = 0
-    state = load_checkpoint(checkpoints, fp) if checkpoints else None
-    if state:
-        distributed.load_full_state(model, optimizer, state["model"], state["optimizer"])
-        rng.set_state(state["rng"])
-        start_step, history = state["step"], state["history"]
-        print(f"pretrain: resumed from {checkpoints / 'last.pt'} at step {start_step} ({world} process(es))",
-              file=sys.stderr)
+    return model, optimizer
 
-    plain = distributed.unwrap(model)
+
+def resume_run(r: Run) -> None:
+    """Go on from the run's last checkpoint, if this very run (config and data) wrote one."""
+    state = load_checkpoint(r.checkpoints, r.fp) if r.checkpoints else None
+    if state:
+        distributed.load_full_state(r.model, r.optimizer, state["model"], state["optimizer"])
+        r.rng.set_state(state["rng"])
+        r.start_step, r.history = state["step"], state["history"]
+        print(f"pretrain: resumed from {r.checkpoints / 'last.pt'} at step {r.start_step} "
+              f"({distributed.world_size()} process(es))", file=sys.stderr)
+
+
+def model_size(r: Run) -> tuple[int, float]:
+    """Parameters (all of them where FSDP holds shards) and training FLOPs per token."""
+    plain = distributed.unwrap(r.model)
     n_params = sum(p.numel() for p in plain.parameters())
     if distributed.strategy() == "fsdp" and distributed.is_worker():
         n_params = sum(p.full_tensor().numel() if hasattr(p, "full_tensor") else p.numel() for p in plain.parameters())
-    fpt = flops_per_token(plain, cfg.seq_len, n_params)
+    return n_params, flops_per_token(plain, r.cfg.seq_len, n_params)
+
+
+# -------------------------------------------------------------------------------------------- loop
+def train_loop(r: Run, train: np.ndarray, val_windows: dict[str, torch.Tensor], fpt: float) -> None:
+    """From the start (or resumed) step to max_steps: logs every log_every steps, evaluates every eval_every,
+    checkpoints every checkpoint_every (not after the last)."""
+    cfg, model, optimizer = r.cfg, r.model, r.optimizer
+    rank, local_batch = distributed.rank(), r.local_batch
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     train_t = torch.from_numpy(train.astype(np.int64))
-    tracker.log_params({"n_params": n_params, "train_tokens": len(train), "resolved_device": device.type,
-                        "resolved_dtype": "bf16" if amp_dtype else "fp32", "processes": world})
-
-    def log_eval(step: int) -> dict:
-        losses = evaluate(model, val_windows, cfg.batch_size, device, autocast)
-        row = {"step": step, "val_loss": round(losses["all"], 4), **{f"val_loss_{s}": round(v, 4) for s, v in losses.items() if s != "all"}}
-        history["val"].append(row)
-        tracker.log_metrics({**{k: v for k, v in row.items() if k != "step"}, "val_ppl": math.exp(losses["all"])}, step=step)
-        return row
-
-    if start_step == 0:
-        log_eval(0)
+    if r.start_step == 0:
+        log_eval(r, val_windows, 0)
     model.train()
-    bar = tqdm(range(start_step, cfg.max_steps), desc="pretrain", unit="step", initial=start_step, total=cfg.max_steps,
-               dynamic_ncols=True, mininterval=1.0, disable=not distributed.is_main())
-    t_last, tokens_since, train_time = time.perf_counter(), 0, 0.0
+    bar = tqdm(range(r.start_step, cfg.max_steps), desc="pretrain", unit="step", initial=r.start_step,
+               total=cfg.max_steps, dynamic_ncols=True, mininterval=1.0, disable=not distributed.is_main())
+    t_last, tokens_since = time.perf_counter(), 0
     for step in bar:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -259,10 +259,10 @@ def run(cfg: PretrainConfig, *, corpus: Path, tokenizer: Path, out: Path, tracke
         for micro in range(cfg.grad_accum):
             # every process draws the same global batch (same generator state) and takes its own share of it:
             # the gradient, averaged over processes by DDP/FSDP, is the one-process gradient of that batch
-            starts = torch.randint(0, len(train_t) - cfg.seq_len - 1, (cfg.batch_size,), generator=rng)
+            starts = torch.randint(0, len(train_t) - cfg.seq_len - 1, (cfg.batch_size,), generator=r.rng)
             mine = starts[rank * local_batch : (rank + 1) * local_batch].tolist()
-            batch = torch.stack([train_t[s : s + cfg.seq_len + 1] for s in mine]).to(device, non_blocking=True)
-            with autocast(), distributed.no_sync(model, last=micro == cfg.grad_accum - 1):
+            batch = torch.stack([train_t[s : s + cfg.seq_len + 1] for s in mine]).to(r.device, non_blocking=True)
+            with r.autocast(), distributed.no_sync(model, last=micro == cfg.grad_accum - 1):
                 logits = model(input_ids=batch[:, :-1]).logits
                 loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
                 (loss / cfg.grad_accum).backward()
@@ -277,51 +277,42 @@ def run(cfg: PretrainConfig, *, corpus: Path, tokenizer: Path, out: Path, tracke
             loss_val = distributed.mean((loss_acc / cfg.grad_accum).item())  # one sync per log interval
             now = time.perf_counter()
             elapsed, t_last = now - t_last, now
-            train_time += elapsed
+            r.train_time += elapsed
             tps = tokens_since / elapsed
             tokens_since = 0
             row = {"step": done, "train_loss": round(loss_val, 4), "lr": lr, "grad_norm": round(float(grad_norm), 4),
                    "tokens_per_s": round(tps, 1), "flops_per_s": round(tps * fpt, 1)}
-            history["train"].append(row)
-            tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=done)
+            r.history["train"].append(row)
+            r.tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=done)
             bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}")
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
-            log_eval(done)
+            log_eval(r, val_windows, done)
             t_last = time.perf_counter()  # evaluation time is not training throughput
-        if checkpoints and (done % cfg.checkpoint_every == 0) and done < cfg.max_steps:
-            save_checkpoint(checkpoints, done, model, optimizer, rng, fp, history)
+        if r.checkpoints and (done % cfg.checkpoint_every == 0) and done < cfg.max_steps:
+            save_checkpoint(r.checkpoints, done, model, optimizer, r.rng, r.fp, r.history)
             t_last = time.perf_counter()
     bar.close()
 
-    # Outputs: the model with its tokenizer, curves, samples (rank 0; the others' `out` is thrown away).
-    model_state, _ = distributed.full_state(model)  # every process: gathering FSDP shards is collective
-    if checkpoints and distributed.is_main() and (checkpoints / "last.pt").exists():
-        (checkpoints / "last.pt").unlink()  # finished: a later run starts fresh (or from its own checkpoints)
-    distributed.close()
-    if not distributed.is_main():
-        return {}
-    if distributed.strategy() == "fsdp" and distributed.is_worker():
-        plain = (load_base(cfg, tok) if cfg.init_from else build_model(cfg, tok)).to(device)
-        plain.load_state_dict(model_state)
-    model = plain
-    model_dir = out / "model"
-    model.config.use_cache = True
-    model.save_pretrained(model_dir)
-    tok.model_max_length = cfg.seq_len
-    tok.save_pretrained(model_dir)
-    samples = generate_samples(model, tok, cfg.sample_prompts, cfg.sample_tokens, device)
-    (model_dir / "samples.txt").write_text(samples)
-    write_curves(out / "curves", history)
-    tracker.log_artifact(model_dir / "samples.txt")
-    tracker.log_artifact(out / "curves", "curves")
 
+# -------------------------------------------------------------------------------------- evaluation
+def log_eval(r: Run, val_windows: dict[str, torch.Tensor], step: int) -> dict:
+    """Held-out loss per source and overall, into the history and the tracker (with perplexity)."""
+    losses = evaluate(r.model, val_windows, r.cfg.batch_size, r.device, r.autocast)
+    row = {"step": step, "val_loss": round(losses["all"], 4), **{f"val_loss_{s}": round(v, 4) for s, v in losses.items() if s != "all"}}
+    r.history["val"].append(row)
+    r.tracker.log_metrics({**{k: v for k, v in row.items() if k != "step"}, "val_ppl": math.exp(losses["all"])}, step=step)
+    return row
+
+
+def final_metrics(r: Run, train: np.ndarray, n_params: int, fpt: float) -> dict:
+    cfg, history = r.cfg, r.history
     first, last = history["val"][0], history["val"][-1]
-    train_rows = [r for r in history["train"] if r["step"] > start_step] or history["train"]
-    mean_tps = float(np.mean([r["tokens_per_s"] for r in train_rows])) if train_rows else 0.0
-    metrics = {
+    train_rows = [row for row in history["train"] if row["step"] > r.start_step] or history["train"]
+    mean_tps = float(np.mean([row["tokens_per_s"] for row in train_rows])) if train_rows else 0.0
+    return {
         "n_params": n_params,
         "train_tokens_available": int(len(train)),
-        "tokens_seen": cfg.max_steps * tokens_per_step,
+        "tokens_seen": cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len,
         "initial_val_loss": first["val_loss"],
         "final_val_loss": last["val_loss"],
         "final_val_ppl": round(math.exp(last["val_loss"]), 3),
@@ -329,14 +320,40 @@ def run(cfg: PretrainConfig, *, corpus: Path, tokenizer: Path, out: Path, tracke
         "val_loss_by_source": {k.removeprefix("val_loss_"): v for k, v in last.items() if k.startswith("val_loss_")},
         "tokens_per_s": round(mean_tps, 1),
         "flops_per_s": round(mean_tps * fpt, 1),
-        "train_time_s": round(train_time, 2),
-        "device": device.type,
-        "dtype": "bf16" if amp_dtype else "fp32",
-        "resumed_from_step": start_step,
-        "processes": world,
+        "train_time_s": round(r.train_time, 2),
+        "device": r.device.type,
+        "dtype": "bf16" if r.amp_dtype else "fp32",
+        "resumed_from_step": r.start_step,
+        "processes": distributed.world_size(),
     }
-    write_meta(model_dir, "pretrain", cfg, metrics, {"corpus": corpus, "tokenizer": tokenizer})
-    return metrics
+
+
+# -------------------------------------------------------------------------------------------- save
+def save_outputs(r: Run, tok, out: Path) -> Path | None:
+    """The model with its tokenizer and samples, and the curves, written by the main process (the others' `out`
+    is thrown away); its model folder, or None in another process. The finished run's checkpoint goes."""
+    cfg = r.cfg
+    model_state, _ = distributed.full_state(r.model)  # every process: gathering FSDP shards is collective
+    if r.checkpoints and distributed.is_main() and (r.checkpoints / "last.pt").exists():
+        (r.checkpoints / "last.pt").unlink()  # finished: a later run starts fresh (or from its own checkpoints)
+    distributed.close()
+    if not distributed.is_main():
+        return None
+    model = distributed.unwrap(r.model)
+    if distributed.strategy() == "fsdp" and distributed.is_worker():
+        model = (load_base(cfg, tok) if cfg.init_from else build_model(cfg, tok)).to(r.device)
+        model.load_state_dict(model_state)
+    model_dir = out / "model"
+    model.config.use_cache = True
+    model.save_pretrained(model_dir)
+    tok.model_max_length = cfg.seq_len
+    tok.save_pretrained(model_dir)
+    samples = generate_samples(model, tok, cfg.sample_prompts, cfg.sample_tokens, r.device)
+    (model_dir / "samples.txt").write_text(samples)
+    write_curves(out / "curves", r.history)
+    r.tracker.log_artifact(model_dir / "samples.txt")
+    r.tracker.log_artifact(out / "curves", "curves")
+    return model_dir
 
 
 def main(argv: list[str] | None = None) -> int:

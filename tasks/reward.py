@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import random
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -27,8 +25,9 @@ from lmforge.config import RewardConfig
 from lmforge.models import load_tokenizer
 from lmforge.runtime import pick_device
 from lmforge.training.scoring import load_reward_model, score_conversations
+from lmforge.training.skeleton import log_before, save_model, trainer_args
 from lmforge.errors import InputError
-from lmforge.stage import cli, write_meta
+from lmforge.stage import cli
 from lmforge.tracking import Tracker
 
 
@@ -104,13 +103,34 @@ def measure(model, tokenizer, test_pairs: list[dict], cases: list[dict], suffix:
     }
 
 
-# ---------------------------------------------------------------------------------------------- stage
-def run(cfg: RewardConfig, *, sft: Path, out: Path, tracker: Tracker, checkpoints: Path | None = None) -> dict:
-    """Train a reward model from the SFT model on preference pairs (pairwise loss)."""
+# ------------------------------------------------------------------------------------------- training
+def make_trainer(cfg: RewardConfig, model, tokenizer, train: list[dict], test: list[dict], total_steps: int, work: Path,
+                 device: str, callbacks, checkpoints: bool = False):
     from datasets import Dataset
     from trl import RewardConfig as TrlRewardConfig
     from trl import RewardTrainer
 
+    args = TrlRewardConfig(
+        per_device_train_batch_size=distributed.per_process(cfg.batch_size, "reward.batch_size"),
+        per_device_eval_batch_size=64,
+        max_steps=total_steps, learning_rate=cfg.lr, lr_scheduler_type="linear",
+        warmup_steps=round(cfg.warmup_ratio * total_steps), weight_decay=cfg.weight_decay,
+        center_rewards_coefficient=cfg.center_rewards or None, max_length=cfg.max_length,
+        eval_strategy="steps", eval_steps=cfg.eval_every, dataset_num_proc=None,
+        # bf16 off even on CUDA (TRL defaults it on); no first-step log
+        **trainer_args(cfg, work, device, checkpoints=checkpoints, bf16=False, log_first=False),
+    )
+    return RewardTrainer(
+        model=model, args=args, processing_class=tokenizer,
+        train_dataset=Dataset.from_list(train),
+        eval_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in test]),
+        callbacks=callbacks,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- stage
+def run(cfg: RewardConfig, *, sft: Path, out: Path, tracker: Tracker, checkpoints: Path | None = None) -> dict:
+    """Train a reward model from the SFT model on preference pairs (pairwise loss)."""
     if not (Path(sft) / "config.json").exists():
         raise InputError(f"{sft}: not a model folder (no config.json; run the sft stage)")
     tok = load_tokenizer(sft)
@@ -131,7 +151,7 @@ def run(cfg: RewardConfig, *, sft: Path, out: Path, tracker: Tracker, checkpoint
                         "device_used": device.type})
 
     before = measure(model, tok, test, cases, "_before")
-    tracker.log_metrics({k: v for k, v in before.items() if not isinstance(v, dict)}, step=0)
+    log_before(tracker, before)
 
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
@@ -143,36 +163,17 @@ def run(cfg: RewardConfig, *, sft: Path, out: Path, tracker: Tracker, checkpoint
             losses.append(logs["loss"])
 
     # with --checkpoints (scratch, see lmforge.training.resume) the run continues from the last checkpoint it wrote there
-    checkpoint = resume.start("reward", checkpoints, resume.fingerprint(cfg, [sft], train))
     on_log = OnLog(forward)
-    on_log.replay(resume.earlier_logs(checkpoint))  # the killed attempt's curve and first loss
-    with tempfile.TemporaryDirectory(prefix="lmforge-reward-") as workdir:
-        args = TrlRewardConfig(
-            output_dir=str(checkpoints or workdir), seed=cfg.seed, data_seed=cfg.seed,
-            per_device_train_batch_size=distributed.per_process(cfg.batch_size, "reward.batch_size"),
-            per_device_eval_batch_size=64,
-            max_steps=total_steps, learning_rate=cfg.lr, lr_scheduler_type="linear",
-            warmup_steps=round(cfg.warmup_ratio * total_steps), weight_decay=cfg.weight_decay,
-            center_rewards_coefficient=cfg.center_rewards or None, max_length=cfg.max_length,
-            logging_steps=cfg.log_every, eval_strategy="steps", eval_steps=cfg.eval_every,
-            **resume.save_args(checkpoints, cfg.checkpoint_every), report_to="none", use_cpu=device.type == "cpu",
-            bf16=False, activation_checkpointing=False,  # TRL defaults: bf16 on, checkpointing on
-            dataloader_num_workers=0, dataset_num_proc=None, **distributed.trainer_args(),
-        )
-        trainer = RewardTrainer(
-            model=model, args=args, processing_class=tok,
-            train_dataset=Dataset.from_list(train),
-            eval_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in test]),
-            callbacks=[on_log],
-        )
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-    resume.finish(checkpoints)
+    with resume.Resumable("reward", checkpoints, resume.fingerprint(cfg, [sft], train), out) as run:
+        trainer = make_trainer(cfg, model, tok, train, test, total_steps, run.work, device.type, [on_log],
+                               checkpoints=run.saves)
+        result = run.train(trainer.train, on_log)  # with the killed attempt's curve and first loss
     model = trainer.model
 
     after = measure(model, tok, test, cases, "")
     metrics = {
         **after, **before,
-        "resumed_from_step": resume.step_of(checkpoint),
+        "resumed_from_step": run.step,
         "train_loss": round(result.training_loss, 4),  # after a resume: over the steps this run trained
         "train_loss_first": round(losses[0], 4) if losses else None,
         "train_loss_last": round(losses[-1], 4) if losses else None,
@@ -180,16 +181,12 @@ def run(cfg: RewardConfig, *, sft: Path, out: Path, tracker: Tracker, checkpoint
         "test_pairs": len(test), "gt_cases": len(cases), "n_params": n_params,
     }
 
-    model_dir = out / "model"
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    write_meta(model_dir, "reward", cfg, metrics, {"sft": sft})
+    save_model(out / "model", model, tok, "reward", cfg, metrics, {"sft": sft}, generation_defaults=False)  # scores, not chat
     return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli("reward", run, inputs=("sft",), argv=argv, options={
-        "checkpoints": {"type": Path, "default": None, "help": "scratch folder for resumable checkpoints (not an output)"}})
+    return cli("reward", run, inputs=("sft",), argv=argv, options=resume.OPTION)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def bpe_pattern(cfg: TokenizerConfig) -> str:
     # GPT-2's regex. Split digits stand alone, and the spaces before them make one piece.
     number = r"\p{N}|\s+(?=\p{N})" if cfg.split_digits else r" ?\p{N}+"
     # gpt2_eol: a line's end joins the punctuation before it ("):\n", ",\n"), the rest is GPT-2's; on the
-    # default corpus +3.5% bytes/token (2.80 vs 2.70 held out), see bench/results/
+    # default corpus +3.5% bytes/token (2.80 vs 2.70 held out), see docs/findings/tokenizer.md
     punct = r" ?[^\s\p{L}\p{N}]+" + (r"[\r\n]*" if cfg.pre_tokenizer == "gpt2_eol" else "")
     return r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|" + number + "|" + punct + r"|\s+(?!\S)|\s+"
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.errors import ConfigError
-from lmforge.config import SECTIONS, STAGES, load_params, load_stage, parse_section
+from lmforge.config import SECTIONS, STAGES, TRAINING_STAGES, TrainingSection, load_params, load_stage, parse_section
 from lmforge.cli.preset import main as preset_main
 from lmforge.cli.preset import render_defaults, resolve
 
@@ -42,6 +42,25 @@ def test_every_knob_has_a_description():
     for stage, model in SECTIONS.items():
         for name, field in model.model_fields.items():
             assert field.description, f"{stage}.{name} has no description"
+
+
+def test_training_sections_share_their_base_knobs_with_their_own_defaults():
+    base = list(TrainingSection.model_fields)
+    assert base == ["seed", "device", "num_threads", "checkpoint_every"]
+    for stage in TRAINING_STAGES:
+        assert list(SECTIONS[stage].model_fields)[:4] == base, f"{stage} does not lead with the shared knobs"
+        with pytest.raises(ConfigError, match=rf"{stage}\.num_threads: .*greater than or equal to 0"):
+            parse_section(stage, {"num_threads": -1})
+        with pytest.raises(ConfigError, match=rf"{stage}\.device"):
+            parse_section(stage, {"device": "tpu"})
+    # a stage keeps its own default and description where it redeclares a shared knob
+    assert {s: SECTIONS[s]().checkpoint_every for s in TRAINING_STAGES} == {
+        "pretrain": 100, "sft": 100, "lora": 100, "reward": 25, "ppo": 5, "dpo": 20, "grpo": 10}
+    assert SECTIONS["ppo"].model_fields["checkpoint_every"].description.startswith("updates between")
+    assert SECTIONS["pretrain"].model_fields["seed"].description == "seed for initialisation and batch order"
+    with pytest.raises(ConfigError, match=r"pretrain\.checkpoint_every: .*greater than 0"):
+        parse_section("pretrain", {"checkpoint_every": 0})  # its own loop always checkpoints
+    assert parse_section("sft", {"checkpoint_every": 0}).checkpoint_every == 0
 
 
 def test_default_preset_file_matches_typed_defaults():

@@ -10,6 +10,7 @@ import torch
 
 from tasks import dpo
 from lmforge.data import posttrain_data
+from lmforge.training import resume
 from lmforge.config import DpoConfig
 from lmforge.errors import InputError
 from lmforge.stage import META_FILE, execute, read_json
@@ -50,7 +51,7 @@ def test_policy_saved_loads_and_changed(trained, tiny_model_dir):
     start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert AutoTokenizer.from_pretrained(out / "model").chat_template
     assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), start.parameters()))
-    assert not (out / dpo.TRAINER_TMP).exists()
+    assert not (out / resume.TRAINER_TMP).exists()
 
 
 def test_user_pairs_and_bad_rows(tmp_path):

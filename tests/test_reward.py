@@ -10,7 +10,7 @@ import torch
 
 from lmforge.data import posttrain_data
 from tasks import reward
-from lmforge.training import scoring
+from lmforge.training import resume, scoring
 from lmforge.config import RewardConfig
 from lmforge.errors import InputError
 from lmforge.stage import META_FILE, execute, read_json
@@ -46,6 +46,7 @@ def test_metrics_before_and_after(trained):
     assert read_json(out / "metrics.json")["test_accuracy"] == metrics["test_accuracy"]
     meta = read_json(out / "model" / META_FILE)
     assert meta["stage"] == "reward" and meta["metrics"][scoring.ACCURACY_KEY] == metrics["test_accuracy"]
+    assert not (out / resume.TRAINER_TMP).exists()  # the Trainer's scratch folder goes once training is done
 
 
 def test_training_fits_the_pairs(trained):

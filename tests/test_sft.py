@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from lmforge.training import finetune
+from lmforge.training import finetune, resume
 from lmforge import models
 from lmforge.data import posttrain_data
 from tasks import sft
@@ -76,7 +76,7 @@ def test_sft_trains_and_writes_a_loadable_chat_model(tiny_model_dir, tmp_path):
     assert json.loads((out / "model" / "lmforge.json").read_text())["stage"] == "sft"
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == TINY["test_examples"] and {"question", "answer", "base", "final"} <= set(samples[0])
-    assert not (out / finetune.TRAINER_TMP).exists() and not list(tmp_path.glob(".*staging"))
+    assert not (out / resume.TRAINER_TMP).exists() and not list(tmp_path.glob(".*staging"))
 
 
 def test_user_data_files_are_added_and_validated(tmp_path):

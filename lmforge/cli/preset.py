@@ -21,7 +21,7 @@ from lmforge.config import SECTION_NAMES, SECTIONS, parse_section, read_yaml
 
 HEADER = (
     "# lmforge parameters: one section per stage; DVC tracks each section as that stage's params.\n"
-    "# Written by `python -m lmforge.cli.preset {preset}` from the typed defaults in lmforge/config.py and\n"
+    "# Written by `python -m lmforge.cli.preset {preset}` from the typed defaults in lmforge/config/ and\n"
     "# configs/{preset}.yaml. Change a knob for one run with `dvc exp run -S pretrain.lr=1e-3`.\n"
 )
 

@@ -1,4 +1,4 @@
-"""Chat fine-tuning shared by the sft and lora stages: training data, TRL's SFTTrainer with lmforge's knobs,
+"""Chat fine-tuning shared by the sft and lora stages: their inputs, TRL's SFTTrainer with lmforge's knobs,
 and the measurements before and after (held-out loss, greedy exact-answer accuracy).
 
 The loss covers assistant tokens only: the chat template marks them with `{% generation %}`, TRL turns
@@ -8,8 +8,6 @@ that into `assistant_masks` and every other label into -100.
 from __future__ import annotations
 
 import json
-import shutil
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -18,16 +16,29 @@ from lmforge import distributed
 from lmforge.data import posttrain_data
 from lmforge.training import resume
 from lmforge.training.callbacks import ForwardLogs
+from lmforge.training.skeleton import trainer_args
 from lmforge.config import SftConfig
-from lmforge.models import stop_token_ids
+from lmforge.models import context_length, load_tokenizer, stop_token_ids
+from lmforge.runtime import pick_device
 from lmforge.errors import InputError
 from lmforge.stats import paired_gain
 
-TRAINER_TMP = "_trainer_tmp"  # Trainer's output_dir inside the staging folder; removed after training
 SAMPLES = 20  # test answers kept in samples.jsonl
 
 
 # ------------------------------------------------------------------------------------------- data
+def prepare(cfg: SftConfig, base: Path, stage: str) -> tuple[Any, list[list[dict]], str]:
+    """The base's tokenizer (checking the model folder's files too) and the training conversations, before
+    anything heavy; then the device, and the seed set for what follows."""
+    from transformers import set_seed
+
+    tokenizer = load_tokenizer(base)
+    train_convs = training_conversations(cfg, tokenizer, context_length(base))
+    device = pick_device(cfg.device, stage, cfg.num_threads).type
+    set_seed(cfg.seed)
+    return tokenizer, train_convs, device
+
+
 def training_conversations(cfg: SftConfig, tokenizer=None, context: int | None = None) -> list[list[dict]]:
     """Built-in train conversations plus the user's files (validated first, so bad rows fail fast). With a
     tokenizer, a user row whose prompt leaves no room for its answer within max_length (and the model's
@@ -117,7 +128,6 @@ def make_trainer(cfg: SftConfig, model, tokenizer, train_convs, test_rows, work:
 
     max_length = min(cfg.max_length, getattr(model.config, "max_position_embeddings", cfg.max_length))
     args = TrlSftConfig(
-        output_dir=str(work),
         max_steps=cfg.max_steps,
         per_device_train_batch_size=distributed.per_process(cfg.batch_size, "batch_size"),  # same global batch
         per_device_eval_batch_size=cfg.eval_batch_size,
@@ -132,19 +142,9 @@ def make_trainer(cfg: SftConfig, model, tokenizer, train_convs, test_rows, work:
         # lm_head.weight itself and breaks on PEFT's trainable-token wrapper around a tied head: there, plain
         # "nll", the same loss
         loss_type="nll" if getattr(peft_config, "trainable_token_indices", None) else "chunked_nll",
-        logging_steps=cfg.log_every,
-        logging_first_step=True,
         eval_strategy="steps" if cfg.eval_every else "no",
         eval_steps=cfg.eval_every or None,
-        **resume.save_args(work if checkpoints else None, cfg.checkpoint_every),
-        report_to="none",
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        bf16=device == "cuda",  # TRL defaults bf16 on; on CPU it only slows a tiny fp32 model down
-        use_cpu=device == "cpu",
-        activation_checkpointing=False,  # TRL turns it on by default; pointless for small models
-        dataloader_num_workers=0,
-        **distributed.trainer_args(),
+        **trainer_args(cfg, work, device, checkpoints=checkpoints),  # bf16 on CUDA only: TRL defaults it on
     )
     return SFTTrainer(
         model=model,
@@ -169,27 +169,21 @@ def finetune(cfg: SftConfig, model, tokenizer, train_convs: list[list[dict]], ou
 
     history: list[dict] = []
     stage = type(cfg).__name__.removesuffix("Config").lower()
-    checkpoint = resume.start(stage, checkpoints, fp)
-    work = checkpoints or out / TRAINER_TMP
-    trainer = make_trainer(cfg, model, tokenizer, train_convs, test_rows, work, device, tracker, history, peft_config,
-                           checkpoints=checkpoints is not None)
-    base_eval = trainer.evaluate()
-    ForwardLogs(tracker, history).replay(resume.earlier_logs(checkpoint))
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    train_time = time.perf_counter() - start
+    with resume.Resumable(stage, checkpoints, fp, out) as run:
+        trainer = make_trainer(cfg, model, tokenizer, train_convs, test_rows, run.work, device, tracker, history,
+                               peft_config, checkpoints=run.saves)
+        base_eval = trainer.evaluate()
+        result = run.train(trainer.train, ForwardLogs(tracker, history))
     final_eval = trainer.evaluate()
-    if distributed.is_main():
-        shutil.rmtree(work, ignore_errors=True)  # done: a later run starts fresh
 
     final_acc, final_answers = answer_accuracy(trainer.model, tokenizer, test_rows, cfg.eval_batch_size, cfg.max_new_tokens)
     losses = [h["train/loss"] for h in history if "train/loss" in h]
     metrics = {
-        "resumed_from_step": resume.step_of(checkpoint),
+        "resumed_from_step": run.step,
         "train_conversations": len(train_convs),
         "test_conversations": len(test_rows),
         "steps": result.global_step,
-        "train_time_s": round(train_time, 2),
+        "train_time_s": round(run.seconds, 2),
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
         "base_eval_loss": base_eval["eval_loss"],

@@ -10,7 +10,7 @@ module works around:
 - it overwrites `policy.generation_config.eos_token_id` with the stop token; restored afterwards.
 - queries must be left-padded (generation continues from the last column), hence padding_side="left".
 - it has no resume: `Checkpoints` (below) writes everything a rerun needs to go on exactly where a killed one
-  stopped, and `train(resume_from=...)` puts it back: the loop runs only the updates left.
+  stopped, and `train(resume_from_checkpoint=...)` puts it back: the loop runs only the updates left.
 - it seeds torch, not numpy, whose global RNG splits each batch into minibatches: seeded here.
 - its shuffled DataLoader draws each epoch's seed from the global RNG, so the batch order would depend on
   when an epoch starts relative to the sampling; `Batches` orders prompts by (seed, epoch) alone.
@@ -35,6 +35,7 @@ from transformers import TrainerCallback
 from lmforge import distributed
 from lmforge.chat import END
 from lmforge.config import PpoConfig
+from lmforge.training.skeleton import runtime_args
 
 # TRL log keys -> the names the stage uses in curves.csv
 CURVES = {
@@ -55,10 +56,10 @@ CURVES = {
 
 def train(*, policy, ref_policy, reward_model, value_model, tokenizer, queries: Sequence[list[int]],
           cfg: PpoConfig, device: str, callbacks: Sequence = (), checkpoints: Path | None = None,
-          resume_from: str | None = None) -> None:
+          resume_from_checkpoint: str | None = None) -> None:
     """PPO with a KL penalty to `ref_policy` (frozen), rewards from `reward_model` read at the stop token.
-    With `checkpoints`, a resumable checkpoint every `cfg.checkpoint_every` updates; with `resume_from` (one of
-    them), training goes on from there as the run that wrote it would have."""
+    With `checkpoints`, a resumable checkpoint every `cfg.checkpoint_every` updates; with `resume_from_checkpoint`
+    (one of them; named as Trainer.train names it), training goes on from there as the run that wrote it would have."""
     from datasets import Dataset
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # we know; this module is the seam for that reason
@@ -71,8 +72,7 @@ def train(*, policy, ref_policy, reward_model, value_model, tokenizer, queries: 
 
     with tempfile.TemporaryDirectory(prefix="lmforge-ppo-") as workdir:
         args = PPOConfig(
-            output_dir=workdir, seed=cfg.seed, report_to="none", save_strategy="no",
-            use_cpu=device == "cpu", bf16=False, activation_checkpointing=False,
+            **runtime_args(cfg, Path(workdir), device, bf16=False), save_strategy="no",  # Checkpoints (below) saves
             # each process rolls out its share; TRL multiplies by the number of processes (global batch kept)
             per_device_train_batch_size=distributed.per_process(cfg.batch_size, "ppo.batch_size"),
             gradient_accumulation_steps=1,
@@ -84,7 +84,6 @@ def train(*, policy, ref_policy, reward_model, value_model, tokenizer, queries: 
             cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef, gamma=cfg.gamma, lam=cfg.lam,
             whiten_rewards=cfg.whiten_rewards,  # TRL logs every update whatever logging_steps says
             num_sample_generations=0,  # its sample tables need an eval set; the stage evaluates itself
-            **distributed.trainer_args(),
         )
         with warnings.catch_warnings():  # TRL reads the deprecated `is_gradient_checkpointing` (transformers 5)
             warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*", FutureWarning)
@@ -98,7 +97,7 @@ def train(*, policy, ref_policy, reward_model, value_model, tokenizer, queries: 
         # runs of one config trained on different splits (measured: different curves from the first update)
         np.random.seed((cfg.seed + distributed.rank() * 100_003) % 2**32)
         random.seed(cfg.seed + distributed.rank() * 100_003)
-        done = _restore(trainer, policy, value_model, resume_from) if resume_from else 0
+        done = _restore(trainer, policy, value_model, resume_from_checkpoint) if resume_from_checkpoint else 0
         trainer.dataloader = Batches(trainer.train_dataset, trainer.data_collator, args.local_batch_size, cfg.seed,
                                      start=done)
         # first in line, so the progress bar starts from the numbers it sets

@@ -1,11 +1,12 @@
-"""Resumable training for the stages that run a transformers/TRL Trainer (sft, lora, reward, dpo, grpo).
+"""Resumable training for the stages that run a transformers/TRL Trainer (sft, lora, reward, dpo, grpo; ppo's
+own checkpoints follow the same rules, lmforge.training.ppo_backend).
 
 The stage's command gets `--checkpoints out/<stage>/checkpoints`: scratch, git-ignored and not a DVC output
 (an uncached output would leave a clone that pulled from the DVC remote out of date). The Trainer writes its
 full state there (model, optimizer, scheduler, RNG, step; the data position follows from the step) every
 `checkpoint_every` steps, keeping the last one. A rerun of the same run (`fingerprint`: config, input
 weights, training data) continues from that checkpoint; any other run clears the folder and starts fresh;
-a finished run clears it too.
+a finished run clears it too. `Resumable` is that life cycle around one stage's training.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ import hashlib
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from lmforge import distributed
 
 MARK = "fingerprint"
+TRAINER_TMP = "_trainer_tmp"  # the Trainer's output_dir inside the staging folder when there is no --checkpoints
+OPTION = {"checkpoints": {"type": Path, "default": None, "help": "scratch folder for resumable checkpoints (not an output)"}}
 
 
 def fingerprint(cfg, models: Iterable[Path], data: Any) -> str:
@@ -85,3 +89,44 @@ def earlier_logs(checkpoint: str | None) -> list[tuple[int, dict]]:
         return []
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
     return [(entry["step"], {k: v for k, v in entry.items() if k != "step"}) for entry in state.get("log_history", [])]
+
+
+class Resumable:
+    """One stage's training run, resumable: entering picks the checkpoint to go on from (`start`); `train`
+    replays the logs written before it and trains from there, timed; leaving the block normally clears the
+    folder (`finish`), while a crash leaves it for the rerun.
+
+        with Resumable("dpo", checkpoints, fingerprint(cfg, [policy], data), out) as run:
+            trainer = make_trainer(..., run.work, checkpoints=run.saves)
+            result = run.train(trainer.train, ForwardLogs(tracker, history))
+    """
+
+    def __init__(self, stage: str, checkpoints: Path | None, fp: str, out: Path):
+        self.stage, self.checkpoints, self.fp = stage, checkpoints, fp
+        self.saves = checkpoints is not None  # whether the Trainer writes resumable checkpoints
+        self.work = checkpoints or out / TRAINER_TMP  # the Trainer's output_dir
+        self.checkpoint: str | None = None
+        self.seconds = 0.0  # time spent in train()
+
+    @property
+    def step(self) -> int:
+        """The step this run resumed from; 0 when it started fresh."""
+        return step_of(self.checkpoint)
+
+    def __enter__(self) -> "Resumable":
+        self.checkpoint = start(self.stage, self.checkpoints, self.fp)
+        return self
+
+    def train(self, fn: Callable[..., Any], *logs, **kwargs) -> Any:
+        """fn(resume_from_checkpoint=..., **kwargs), after handing the earlier run's logs to each of `logs`
+        (callbacks with a `replay`), so curves and first losses are whole, as an uninterrupted run's are."""
+        for log in logs:
+            log.replay(earlier_logs(self.checkpoint))
+        t0 = time.perf_counter()
+        result = fn(resume_from_checkpoint=self.checkpoint, **kwargs)
+        self.seconds = time.perf_counter() - t0
+        return result
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            finish(self.work)  # done: a later run starts fresh
