@@ -1,15 +1,15 @@
 """One flow run per project at a time.
 
 A second `python -m flows.lifecycle` (or `make run`, or a scheduled run) in the same project waits for the
-first, saying once which run holds the project, or with `--no-wait` refuses in one line. The lock is an
-OS file lock (`flock`) on `.dvc/tmp/lmforge-flow.lock`: the kernel drops it when its holder exits, even
-on `kill -9`, so a crashed run never leaves a stale lock behind. Re-entrant within one process (the CLI
-takes it before Prefect starts, the flow body takes it again for runs started by a worker).
+first, saying once which run holds the project, or with `--no-wait` refuses in one line. The lock is
+filelock's OS file lock (`flock` on Unix) on `.dvc/tmp/lmforge-flow.lock`: the kernel drops it when its holder
+exits, even on `kill -9`, so a crashed run never leaves a stale lock behind. Re-entrant within one process,
+across threads (the CLI takes it before Prefect starts, the flow body takes it again for runs started by a
+worker).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import sys
@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-_held: dict[str, int] = {}  # lock file -> nesting depth in this process
+from filelock import FileLock, Timeout
 
 
 class Busy(RuntimeError):
@@ -41,42 +41,36 @@ def holder(path: Path) -> str:
     return f"the run started {started} by pid {info.get('pid')} on {info.get('host')}: {info.get('command')}"
 
 
+def _write_holder(fd: int) -> None:
+    """Called by filelock once the lock is ours (not again on re-entry): say who holds it, for the waiters."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": time.time(),
+                              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}).encode(), 0)
+
+
+def _lock(path: Path) -> FileLock:
+    # one instance per path in this process, shared by every thread: that is what makes it re-entrant (a second
+    # instance would flock a second descriptor and wait on its own process)
+    return FileLock(path, thread_local=False, is_singleton=True, preserve_lock_file=True, on_acquired=_write_holder)
+
+
 @contextmanager
 def project_lock(root: str | Path, wait: bool = True, poll_s: float = 1.0,
                  say: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)) -> Iterator[None]:
     path = lock_path(root)
-    key = str(path)
-    if key in _held:
-        _held[key] += 1
-        try:
-            yield
-        finally:
-            _held[key] -= 1
-        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = _lock(path)
     try:
-        told = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not wait:
-                    raise Busy(f"project {path.parents[2]} is busy: {holder(path)} (wait for it, or run "
-                               "without --no-wait to queue behind it)") from None
-                if not told:
-                    say(f"waiting for {holder(path)}")
-                    told = True
-                time.sleep(poll_s)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": time.time(),
-                                  "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}).encode(), 0)
-        _held[key] = 1
-        try:
-            yield
-        finally:
-            del _held[key]
-            os.ftruncate(fd, 0)
+        lock.acquire(blocking=False)
+    except Timeout:
+        if not wait:
+            raise Busy(f"project {path.parents[2]} is busy: {holder(path)} (wait for it, or run "
+                       "without --no-wait to queue behind it)") from None
+        say(f"waiting for {holder(path)}")  # once; then filelock polls until the holder is gone
+        lock.acquire(poll_interval=poll_s)
+    try:
+        yield
     finally:
-        os.close(fd)  # closing the file releases the lock
+        if lock.lock_counter == 1:  # the outermost hold: nothing claims the project once it is released
+            os.truncate(path, 0)
+        lock.release()

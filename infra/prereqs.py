@@ -2,7 +2,9 @@
 `postgresql`, through apt when running as root), an OS user for it when running as root (PostgreSQL refuses
 root), and moto's own virtual environment (its botocore conflicts with dvc-s3's, so it cannot share .venv).
 
-Each check answers None (fine) or one line: what is missing and the command that fixes it."""
+`python -m infra prereqs` installs them (`make test`, `make test-team` and `make infra-up` run it first);
+`--check` only looks. What cannot be installed raises Missing: one line, what is missing and the command that
+fixes it."""
 
 from __future__ import annotations
 
@@ -51,12 +53,15 @@ def postgres(install: bool) -> Path:
     if bindir is None and install and _apt_install("postgresql"):
         bindir = pg_bindir()
     if bindir is None:
-        raise Missing("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install -y postgresql "
-                      "(as root), or put a PostgreSQL bin folder on PATH")
+        raise Missing("PostgreSQL server binaries (initdb, pg_ctl) not found: python -m infra prereqs as root "
+                      "(apt-get install -y postgresql), or put a PostgreSQL bin folder on PATH")
     if os.geteuid() == 0:
         try:
             pwd.getpwnam(PG_OS_USER)
         except KeyError:
+            if install and subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--shell",
+                                           "/usr/sbin/nologin", PG_OS_USER], capture_output=True).returncode == 0:
+                return bindir
             raise Missing(f"running as root, PostgreSQL needs an OS user to run as and {PG_OS_USER!r} does not exist: "
                           f"useradd --system {PG_OS_USER} (or set LMFORGE_PG_OS_USER)") from None
     return bindir
@@ -76,7 +81,7 @@ def moto_server(install: bool) -> Path:
     exe = S3_ENV / "bin" / "moto_server"
     if exe.exists() or not install:
         if not exe.exists():
-            raise Missing(f"moto's S3 server is not installed: python -m infra up creates {S3_ENV} (or: "
+            raise Missing(f"moto's S3 server is not installed: python -m infra prereqs creates {S3_ENV} (or: "
                           f"python3 -m venv {S3_ENV} && {S3_ENV}/bin/pip install -c infra/constraints-s3.txt 'moto[server]')")
         return exe
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(S3_ENV)], check=True)
@@ -87,3 +92,16 @@ def moto_server(install: bool) -> Path:
     if subprocess.run(cmd).returncode != 0 or not exe.exists():
         raise Missing(f"could not install moto[server] into {S3_ENV} (needs the package registry): {' '.join(cmd)}")
     return exe
+
+
+def ensure(install: bool = True) -> dict[str, str]:
+    """Every prerequisite: {name: where it is}; raises Missing naming each one that is not there, one line."""
+    found, missing = {}, []
+    for name, check in (("postgres", postgres), ("s3", moto_server)):
+        try:
+            found[name] = str(check(install))
+        except Missing as err:
+            missing.append(str(err))
+    if missing:
+        raise Missing("; ".join(missing))
+    return found

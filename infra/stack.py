@@ -10,6 +10,8 @@
     python -m infra status                 each component up or down, with its port
     python -m infra down                   stop all of it (data stays in DIR/data)
     python -m infra remote [--root DIR]    point a checkout's DVC remote `team` at the stack (.dvc/config.local)
+    python -m infra prereqs [--check]      install what the stack needs on this machine (infra/prereqs.py),
+                                           or with --check only say what is missing
 
 Everything lives under one folder (LMFORGE_STACK, default infra/.stack): data/, logs/<component>.log,
 state.json (ports, pids) and env, the variables a client sources (`make run TEAM=1` does).
@@ -357,12 +359,17 @@ def status(stack: Stack) -> dict[str, bool]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m infra", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["up", "down", "status", "remote"])
+    ap.add_argument("command", choices=["up", "down", "status", "remote", "prereqs"])
     ap.add_argument("--folder", help="the stack's folder (default: LMFORGE_STACK or infra/.stack)")
     ap.add_argument("--root", default=".", help="remote: the checkout whose DVC remote `team` to set")
+    ap.add_argument("--check", action="store_true", help="prereqs: install nothing, only say what is missing")
     args = ap.parse_args(argv)
     stack = Stack.at(args.folder)
     try:
+        if args.command == "prereqs":
+            for name, where in prereqs.ensure(install=not args.check).items():
+                print(f"{name:9} ok    {where}")
+            return 0
         if args.command == "up":
             up(stack)
         elif args.command == "down":

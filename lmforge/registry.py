@@ -25,7 +25,6 @@ import hashlib
 import json
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,7 +114,7 @@ def register(root: Path, run_id: str) -> tuple[dict[str, str], dict[str, str]]:
             mv = client.create_model_version(name, f"{artifact_root}/{path}", run_id=run_id, tags=own,
                                              description=f"lmforge {variant} policy, run {run_id}")
             client.set_registered_model_alias(name, CANDIDATE, mv.version)
-            versions[name] = mv.version
+            versions[name] = str(mv.version)  # a str from a server, an int from a local store
     return versions, tags
 
 
@@ -157,20 +156,25 @@ def champion(client, name: str = POLICY):
 def promote(versions: dict[str, str], tags: dict[str, str]) -> Decision:
     """Move `champion` to this run's versions if its policy beats the champion on the gate metric."""
     client = tracking._client()
-    mine, metric = versions[POLICY], tags[f"{TAG}gate_metric"]
+    mine, metric = str(versions[POLICY]), tags[f"{TAG}gate_metric"]
     higher = tags[f"{TAG}higher_is_better"] == "True"
     before = champion(client)
-    for _ in range(20):  # converges once concurrent promoters stop writing (see the module docstring)
+    variants = [n for n in versions if n != POLICY]
+    # MLflow has no compare-and-set on aliases, so a promoter that read the versions before a better one was
+    # registered may write a stale champion. Each promoter therefore writes best() and re-reads until the aliases
+    # agree with it: the last writer always re-reads after its own write, when every version is visible.
+    for _ in range(50):  # a bound, not a wait: concurrent promoters settle in a few passes
         target = best(client, metric, higher)
         current = champion(client)
-        if current is not None and str(current.version) == target:
+        settled = current is not None and str(current.version) == target
+        if not settled:
+            client.set_registered_model_alias(POLICY, CHAMPION, target)
+        if _follow(client, variants, target) and settled:  # nothing written in this pass: all agree
             break
-        client.set_registered_model_alias(POLICY, CHAMPION, target)
-        time.sleep(0.2)
-    final = champion(client)
-    promoted = final is not None and str(final.version) == mine
-    if final is not None:  # every promoter, winner or not, so the variants agree with the final champion
-        _follow(client, [n for n in versions if n != POLICY], str(final.version))
+    else:
+        raise RuntimeError(f"registry: the champion alias of {POLICY!r} did not settle on v{target}")
+    final = current
+    promoted = str(final.version) == mine
     value = float(tags[f"{TAG}gate_value"])
     if promoted:
         reason = (f"v{mine} is champion: {metric} {value:.4g} beats v{before.version}'s {_value(before):.4g}"
@@ -179,16 +183,20 @@ def promote(versions: dict[str, str], tags: dict[str, str]) -> Decision:
         reason = (f"champion stays v{final.version}: candidate v{mine} {metric} {value:.4g} does not beat "
                   f"{_value(final):.4g}")
     client.set_model_version_tag(POLICY, mine, f"{TAG}promotion", reason)
-    return Decision(mine, str(final.version) if final else "", promoted, reason, versions)
+    return Decision(mine, str(final.version), promoted, reason, versions)
 
 
-def _follow(client, names: list[str], policy_version: str) -> None:
-    """The quantised variants' champions are the ones made with the champion policy."""
+def _follow(client, names: list[str], policy_version: str) -> bool:
+    """Point each variant's champion at its version made with the champion policy; True if all already were."""
+    agreed = True
     for name in names:
-        made = [mv.version for mv in client.search_model_versions(f"name='{name}'", max_results=10000)
-                if mv.tags.get(f"{TAG}policy_version") == policy_version]
-        if made:
-            client.set_registered_model_alias(name, CHAMPION, made[0])
+        made = sorted((int(mv.version) for mv in client.search_model_versions(f"name='{name}'", max_results=10000)
+                       if mv.tags.get(f"{TAG}policy_version") == policy_version))
+        current = champion(client, name)
+        if made and (current is None or int(current.version) != made[0]):
+            client.set_registered_model_alias(name, CHAMPION, str(made[0]))
+            agreed = False
+    return agreed
 
 
 def register_and_promote(root: Path, run_id: str) -> Decision:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from infra import credentials, prereqs
 from infra.stack import COMPONENTS, Stack, remote, status
 
@@ -62,3 +64,24 @@ def test_secrets_and_stack_state_are_git_ignored():
     ignored = subprocess.run(["git", "check-ignore", ".env", "infra/.stack/env", "infra/.venv-s3/bin/python"],
                              cwd=ROOT, capture_output=True, text=True)
     assert ignored.stdout.split() == [".env", "infra/.stack/env", "infra/.venv-s3/bin/python"]
+
+
+def test_prereqs_check_installs_nothing_and_names_each_fix_in_one_line(tmp_path, monkeypatch, capsys):
+    from infra.stack import main
+
+    monkeypatch.setattr(prereqs, "pg_bindir", lambda: None)
+    monkeypatch.setattr(prereqs, "S3_ENV", tmp_path / "venv-s3")
+    monkeypatch.setattr(prereqs, "_apt_install", lambda package: pytest.fail("--check must not install"))
+    assert main(["prereqs", "--check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "PostgreSQL server binaries" in err and "moto's S3 server" in err
+    assert err.count("python -m infra prereqs") == 2 and not (tmp_path / "venv-s3").exists()
+
+
+def test_prereqs_reports_where_each_one_is(monkeypatch, capsys):
+    from infra.stack import main
+
+    monkeypatch.setattr(prereqs, "postgres", lambda install: Path("/opt/pg/bin"))
+    monkeypatch.setattr(prereqs, "moto_server", lambda install: Path("/opt/moto/bin/moto_server"))
+    assert main(["prereqs"]) == 0
+    assert capsys.readouterr().out.split("\n")[:2] == ["postgres  ok    /opt/pg/bin", "s3        ok    /opt/moto/bin/moto_server"]

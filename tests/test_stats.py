@@ -25,3 +25,13 @@ def test_losses_and_bad_input():
     assert paired_gain([], [])["gain"] is None and describe(paired_gain([], [])) == "–"
     with pytest.raises(ValueError, match="same items"):
         paired_gain([1.0], [1.0, 0.0])
+
+
+def test_seeded_so_reproducible_and_sensible_when_every_item_agrees():
+    before, after = [1.0, 0.0, 0.0] * 30, [1.0, 1.0, 0.0] * 30
+    g = paired_gain(before, after)
+    assert g == paired_gain(before, after) and g["lo"] < g["gain"] == 0.3333 < g["hi"]
+    same = paired_gain([0.0] * 40, [0.0] * 40)  # a tiny model scoring 0 before and after: no nan, no claim
+    assert (same["gain"], same["lo"], same["hi"], same["beyond_noise"]) == (0.0, 0.0, 0.0, False)
+    one = paired_gain([0.0], [1.0])
+    assert one["lo"] == one["hi"] == one["gain"] == 1.0

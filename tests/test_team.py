@@ -65,11 +65,10 @@ def _make_project(dest: Path) -> Path:
 def stack(tmp_path_factory):
     from infra import prereqs, stack as infra
 
-    try:  # installs what is missing where it can (apt as root, moto's venv); otherwise one line says why
-        prereqs.postgres(install=True)
-        prereqs.moto_server(install=True)
+    try:  # the set-up installed them (`make test` runs `python -m infra prereqs` first): here they are only checked
+        prereqs.ensure(install=False)
     except prereqs.Missing as err:
-        pytest.skip(f"team stack cannot start here: {err}")
+        pytest.fail(f"team stack prerequisites missing (install: python -m infra prereqs): {err}", pytrace=False)
     project = _make_project(tmp_path_factory.mktemp("alice") / "lmforge")
     # PostgreSQL runs as its own OS user when we are root: its folder must be reachable (pytest's tmp is 0700)
     folder = Path(tempfile.mkdtemp(prefix="lmforge-stack-"))

@@ -26,23 +26,23 @@ def _try(probe: Callable[[], str]) -> str:
 
 
 def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    """The instruction sets torch's own CPU dispatch detects (what lmforge's kernels can use), as /proc names."""
+    import torch
+
+    probes = {"avx2": "_is_avx2_supported", "avx512f": "_is_avx512_supported",
+              "avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported"}
+    return {flag for flag, probe in probes.items() if getattr(torch.cpu, probe, lambda: False)()}
 
 
 def cpu_name() -> str:
+    """The CPU's model name. psutil has none; py-cpuinfo has, at 1.1 s per call (measured) and a dependency for
+    one string, so Linux's /proc/cpuinfo is read here, one line."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as fh:
+            name = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        name = ""
+    return name or platform.processor() or platform.machine()
 
 
 def _python() -> str:
@@ -77,11 +77,13 @@ def _cpu() -> str:
     wanted = [("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16")]
     have = [label for flag, label in wanted if flag in flags]
     lack = [label for flag, label in wanted if flag not in flags]
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    text = f"{cpu_name()}, {usable} usable core(s) of {os.cpu_count()}"
-    if flags:
-        text += f"; has {', '.join(have) or 'none of'}" + (f"; lacks {', '.join(lack)}" if lack else "")
-    return text
+    import psutil
+
+    me = psutil.Process()
+    usable = len(me.cpu_affinity()) if hasattr(me, "cpu_affinity") else psutil.cpu_count()  # macOS: no affinity
+    text = (f"{cpu_name()}, {usable} usable core(s) of {psutil.cpu_count()} logical, "
+            f"{psutil.cpu_count(logical=False) or '?'} physical")
+    return text + f"; has {', '.join(have) or 'none of'}" + (f"; lacks {', '.join(lack)}" if lack else "")
 
 
 def _memory_disk() -> str:
