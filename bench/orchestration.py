@@ -334,6 +334,6 @@ def stage_overhead_rows(ctx: Context) -> list[Row]:
                                f"Per-stage overhead, MLflow tracking off: {stage}", min(plain), min(direct),
                                baseline_name="lmforge.stage.execute, NullTracker", at_most=2.0,
                                note="the same, LMFORGE_TRACKING=off for the flow: what Prefect and DVC cost alone; "
-                                    "row 6 minus this is the flow's MLflow run (import, store, replay)",
+                                    "row 6 minus this is MLflow: the flow's run and the stage's own",
                                flow_ran=untracked_ran, flow_cached=untracked_cached, direct=direct))
     return rows

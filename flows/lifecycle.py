@@ -81,18 +81,6 @@ def plan(root: Path, targets: list[str] | None) -> list[str]:
     return [st.name for st in order]
 
 
-def likely_stale(root: Path) -> bool:
-    """A cheap guess (file times, no hashing) that DVC will find work: no dvc.lock yet, or params, the
-    pipeline or the code changed after it was written. Only used to start MLflow's slow connection early;
-    `stale` (DVC's status) decides. A wrong guess costs a second of CPU on another core, or that second."""
-    lock = root / "dvc.lock"
-    if not lock.exists():
-        return True
-    written = lock.stat().st_mtime
-    watched = [root / "params.yaml", root / "dvc.yaml", *root.glob("tasks/*.py"), *root.glob("lmforge/**/*.py")]
-    return any(p.stat().st_mtime > written for p in watched if p.exists())
-
-
 def lock_hash(root: Path, stage: str) -> str:
     """A digest of the stage's dvc.lock entry (its deps, params and outs hashes)."""
     lock = root / "dvc.lock"
@@ -267,9 +255,9 @@ def run_stages(path: Path, order: list[str], preset: str | None, experiment: str
             except BaseException as err:
                 result = {"stage": stage, "ran": False, "seconds": 0.0, "failed": type(err).__name__, "error": err}
             if result.get("failed"):
-                tracking.nest_stage_runs(parent, stage)  # the failed attempts' runs, marked FAILED
+                stands = restore_outputs(path, stage, saved)  # first: a tracking error must not cost the outputs
+                tracking.settle_stage_runs(parent, stage)  # a killed attempt's run is FAILED too
                 parent.set_tags({"lmforge.failed_stage": stage})  # the parent run ends FAILED too
-                stands = restore_outputs(path, stage, saved)
                 err = result.pop("error", None)
                 results.append(result)
                 if err is not None and not isinstance(err, Exception):
@@ -282,8 +270,8 @@ def run_stages(path: Path, order: list[str], preset: str | None, experiment: str
             results.append(result)
             parent.log_metrics({f"{stage}.seconds": result["seconds"], f"{stage}.ran": float(result["ran"])})
             if result["ran"]:
-                tracking.nest_stage_runs(parent, stage, {"dvc.lock_md5": lock_hash(path, stage)})
-        card = write_card(path)  # before the run id is asked for: the tracker may still be connecting
+                tracking.settle_stage_runs(parent, stage, {"dvc.lock_md5": lock_hash(path, stage)})
+        card = write_card(path)
         note = None
         if register_models and any(r["ran"] and r["stage"] == "evaluate" for r in results) and parent.run_id:
             decision = register_versions(str(path), parent.run_id)
@@ -327,8 +315,6 @@ def lifecycle(preset: str | None = None, stages: list[str] | None = None, experi
             if preset:
                 apply_preset(preset, path / "params.yaml", path / "configs")
                 logger.info("applied preset %s to params.yaml", preset)
-            if likely_stale(path):  # a hint, never a decision: MLflow connects meanwhile, DVC decides what runs
-                tracking.prewarm(path, experiment)
             load_params(path / "params.yaml")  # every section valid before any stage starts
             order = plan(path, stages)
             todo = stale(str(path), order)
@@ -343,8 +329,6 @@ def lifecycle(preset: str | None = None, stages: list[str] | None = None, experi
             create_markdown_artifact(err.summary_md.read_text() + ("\n" + card.read_text() if card.exists() else ""),
                                      key="lifecycle-report", description="the failed stage, and what stands")
             return Failed(message=tracking.redact(str(err)))
-        finally:
-            tracking.discard_prewarmed()  # nothing ran, or the flow failed before its run began
         if not todo:  # nothing to rebuild, so nothing to track: no MLflow run, no stage tasks
             logger.info("every stage is up to date (dvc status): nothing to run")
             results = [{"stage": s, "ran": False, "seconds": 0.0} for s in order]
@@ -384,8 +368,6 @@ def main(argv: list[str] | None = None) -> int:
         with project_lock(root, wait=not args.no_wait):
             # bad params or preset: one line now, before Prefect starts a server only to report it
             resolve_preset(args.preset, root / "configs") if args.preset else load_params(root / "params.yaml")
-            if args.preset or likely_stale(root):  # before Prefect's engine starts: a second more to connect in
-                tracking.prewarm(root, args.experiment)
             lifecycle(**params)
     except (ConfigError, Busy) as err:
         print(f"error: {err}", file=sys.stderr)

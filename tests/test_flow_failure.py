@@ -127,10 +127,11 @@ def test_the_flow_cli_reports_bad_params_in_one_line_before_prefect_starts(tmp_p
 
 @pytest.mark.slow  # ~45 s: two flow runs, each with its own Prefect server
 def test_a_flow_killed_with_sigkill_mid_stage_completes_when_run_again(project, tmp_path):
-    """kill -9 of the flow's whole process group (flow, Prefect, DVC, the stage, the tracking process) while pretrain
-    trains, then the same command: the run completes (pretrain resumes from its checkpoint), no staging folder or
-    lock is left, MLflow holds the killed attempt as FAILED runs (the flow's and the stage's), none RUNNING, and
-    the published model is bit-identical to an uninterrupted run's (metrics and curves equal but for timings)."""
+    """kill -9 of the flow's whole process group (flow, Prefect, DVC, the stage) while pretrain trains, then the
+    same command: the run completes (pretrain resumes from its checkpoint), no staging folder or lock is left,
+    MLflow holds the killed attempt as FAILED runs (the flow's and the stage's, with what the stage logged; the
+    next flow run ends them), none RUNNING, and the published model is bit-identical to an uninterrupted run's
+    (metrics and curves equal but for timings)."""
     import signal
     import time
 
@@ -176,7 +177,11 @@ def test_a_flow_killed_with_sigkill_mid_stage_completes_when_run_again(project, 
     assert "lmforge.abandoned" in flows[0].data.tags
     stages = {(r.data.tags.get("mlflow.parentRunId"), r.info.run_name): r.info.status for r in runs
               if r.info.run_name != "lifecycle"}
-    assert stages[(flows[0].info.run_id, "pretrain")] == "FAILED"  # the killed attempt, from its journal
+    assert stages[(flows[0].info.run_id, "pretrain")] == "FAILED"  # the killed attempt, ended by the next flow run
+    [killed] = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == flows[0].info.run_id
+                and r.info.run_name == "pretrain"]
+    assert "lmforge.abandoned" in killed.data.tags  # what it logged before the kill stays:
+    assert killed.data.params["max_steps"] == "120" and "train_loss" in killed.data.metrics
     assert stages[(flows[1].info.run_id, "pretrain")] == "FINISHED"
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
 
