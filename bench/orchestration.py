@@ -281,7 +281,7 @@ def direct_seconds(ctx: Context, root: Path, stage: str, tracked: bool = False) 
     target = ctx.workdir / f"direct-{stage}"
     args = [str(target) + a[len(f"out/{stage}"):] if a.startswith(f"out/{stage}") else a for a in argv[3:]]
     # tracked: the project's MLflow store, which the flow has created already (creating one takes long)
-    env = base_env(LMFORGE_TRACKING="on" if tracked else "off", LMFORGE_ROOT=str(root), LMFORGE_PARENT_RUN_ID=None)
+    env = base_env(LMFORGE_TRACKING="on" if tracked else "off", LMFORGE_ROOT=str(root), LMFORGE_JOURNAL=None)
     out = run_cmd([PY, "-c", _DIRECT, stage, *args], root, env)[1]
     result = json.loads(out.strip().splitlines()[-1])
     if result["rc"]:

@@ -1,16 +1,19 @@
-"""The one module that talks to MLflow (with registry.py). Stages get a `Tracker`: `NullTracker` (does nothing)
+"""The one module that writes to MLflow (with registry.py). Stages get a `Tracker`: `NullTracker` (does nothing)
 in tests and with `LMFORGE_TRACKING=off`. Runs go to `MLFLOW_TRACKING_URI`, else to `mlflow.db` and
-`mlartifacts/` in the project. A flow opens its run in its own process and exports its id in
-`LMFORGE_PARENT_RUN_ID` (MLflow has a parent tag, no variable): each stage process logs straight to MLflow in
-a run nested under it. A stage run by `dvc repro` alone is a top-level run. Every run is tagged with the process
-that will end it (host, pid, start time): a run that a dead process (kill -9) left RUNNING is marked FAILED by
-the next run opened in the experiment, and by the flow once it is done with the stage (`settle_stage_runs`).
+`mlartifacts/` in the project.
+
+Under a flow, MLflow is the flow's business: `flow_run` starts one writer thread that opens the flow's run and
+exports a journal folder (`LMFORGE_JOURNAL`); each stage process appends its calls there as JSON lines
+(`JournalTracker`: no MLflow import, no store opened, 1.7 s a stage saved) and the writer puts them, every half
+second, into the stage's run nested under the flow's, while the stage still works. A stage run by `dvc repro`
+alone writes its top-level run itself. Every run is tagged with the process that will end it (host, pid, start
+time): a run that a dead process (kill -9) left RUNNING is marked FAILED by the next run opened in the experiment,
+and a stage killed under a live flow is marked FAILED by the flow (`settle_stage_runs`).
 """
 
 import functools
 import math
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -22,7 +25,10 @@ from urllib.parse import urlsplit
 
 import psutil
 
-PARENT_ENV = "LMFORGE_PARENT_RUN_ID"  # set by a flow for its stages: their runs nest under this one
+from lmforge.journal import JournalTracker, JournalWriter
+from lmforge.redact import flatten, redact
+
+JOURNAL_ENV = "LMFORGE_JOURNAL"  # set by a flow for its stages: the folder their calls go to
 EXPERIMENT_ENV = "LMFORGE_EXPERIMENT"
 SWITCH_ENV = "LMFORGE_TRACKING"  # "off" disables tracking
 ROOT_ENV = "LMFORGE_ROOT"  # project folder holding the default store; the flow sets it for its stages
@@ -47,49 +53,7 @@ class Tracker(Protocol):
 class NullTracker:
     """Does nothing; for tests and for runs with tracking switched off."""
     run_id = None
-    log_params = log_metrics = log_artifact = set_tags = lambda self, *args, **kwargs: None
-
-
-# HF_TOKEN, GITHUB_TOKEN, AWS_SECRET_ACCESS_KEY, PGPASSWORD, OPENAI_API_KEY...; not TOKENIZERS_PARALLELISM
-SECRET_NAME = re.compile(r"(?<![A-Z])TOKEN(?![A-Z])|SECRET|PASSW|API_?KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.I)
-USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^\s/@:]*:[^\s/@]*@")
-
-
-def _secrets() -> list[str]:
-    """Values of secret-named variables and URI passwords in the environment, but short ones (a flag "1")."""
-    found = {v for k, v in os.environ.items() if SECRET_NAME.search(k)}
-    for value in os.environ.values():
-        found |= {m.group(0).split("://", 1)[1].rsplit("@", 1)[0].split(":", 1)[1] for m in USERINFO.finditer(value)}
-    return sorted((v for v in found if len(v) >= 6), key=len, reverse=True)
-
-
-def redact(value: Any) -> Any:
-    """`value` (strings, mappings and lists of them) with URI passwords and secret values masked as ***."""
-    if isinstance(value, str):
-        text = USERINFO.sub(r"\g<scheme>***@", value)
-        for secret in _secrets():
-            text = text.replace(secret, "***")
-        return text
-    if isinstance(value, Mapping):
-        return {k: redact(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(redact(v) for v in value)
-    return value
-
-
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config -> dotted keys, lists of mappings indexed (sources.0.name)."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, name + "."))
-        elif isinstance(value, list) and value and isinstance(value[0], Mapping):
-            for i, item in enumerate(value):
-                out.update(flatten(item, f"{name}.{i}."))
-        else:
-            out[name] = value
-    return out
+    log_params = log_metrics = log_artifact = set_tags = close = lambda self, *args, **kwargs: None
 
 
 def _reported(call):
@@ -106,6 +70,15 @@ def _reported(call):
     return reported
 
 
+def _params(params) -> dict[str, str]:
+    return {k: redact(str(v))[:6000] for k, v in flatten(params).items()}
+
+
+def _numbers(metrics) -> dict[str, float]:
+    return {k: float(v) for k, v in flatten(metrics).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
 class MlflowTracker:
     """One MLflow run, each call written as it comes."""
 
@@ -115,15 +88,13 @@ class MlflowTracker:
     @_reported  # log_batch splits what it is given into batches within the store's caps
     def log_params(self, params):
         from mlflow.entities import Param
-        self.client.log_batch(self.run_id, params=[Param(k, redact(str(v))[:6000]) for k, v in flatten(params).items()])
+        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in _params(params).items()])
 
     @_reported
     def log_metrics(self, metrics, step=None):
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[
-            Metric(k, float(v), now, step or 0) for k, v in flatten(metrics).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)])
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step or 0) for k, v in _numbers(metrics).items()])
 
     @_reported
     def log_artifact(self, path, artifact_path=None):
@@ -137,8 +108,8 @@ class MlflowTracker:
         self.client.log_batch(self.run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
 
     @_reported
-    def close(self, status: str) -> None:
-        self.client.set_terminated(self.run_id, status)
+    def close(self, status: str, end_ms: int | None = None) -> None:
+        self.client.set_terminated(self.run_id, status, end_ms)
 
 
 def _started(process: psutil.Process) -> str:  # with the pid, it names one process even once the pid is reused
@@ -172,9 +143,7 @@ def end_abandoned(client, experiment_id: str) -> list[str]:
                               filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'")
     ended = [run for run in runs if owner_gone(run.data.tags)]
     for run in ended:
-        client.set_tag(run.info.run_id, ABANDONED_TAG, f"pid {run.data.tags[PID_TAG]} on {host} ended without "
-                       "closing this run (killed?); the next run marked it FAILED")
-        client.set_terminated(run.info.run_id, "FAILED")
+        _abandon(client, run.info.run_id, f"pid {run.data.tags[PID_TAG]} on {host}", "the next run")
     return [run.info.run_id for run in ended]
 
 
@@ -228,29 +197,29 @@ def git_commit(root: str | Path = ".") -> str:
 
 
 @_reported
-def _connect(name: str, tags: Mapping[str, str], parent: str | None, experiment: str) -> MlflowTracker:
-    """A new RUNNING run, once the runs that killed processes left RUNNING are ended (listed in its tags)."""
-    check_reachable(tracking_uri())
-    client = _client()
-    exp_id = _experiment_id(client, experiment)
+def _connect(name: str, tags: Mapping[str, str], experiment: str, parent: MlflowTracker | None = None,
+             start_ms: int | None = None) -> MlflowTracker:
+    """A new RUNNING run (nested under `parent`); a top-level one first ends the runs killed processes left RUNNING."""
+    client = parent.client if parent else _client()
+    exp_id = parent.experiment_id if parent else _experiment_id(client, experiment)
     all_tags = {"lmforge.git_commit": git_commit(project_root()), **tags, **owner_tags(),
-                **({PARENT_TAG: parent} if parent else {})}
+                **({PARENT_TAG: parent.run_id} if parent else {})}
     try:
-        if ended := end_abandoned(client, exp_id):
+        if not parent and (ended := end_abandoned(client, exp_id)):
             all_tags["lmforge.ended_abandoned"] = ",".join(ended[:100])  # within MLflow's tag size
     except Exception as err:  # noqa: BLE001 - housekeeping: it must not cost the new run its tracking
         print(redact(f"lmforge: could not end abandoned MLflow runs: {type(err).__name__}: {err}"), file=sys.stderr)
-    run = client.create_run(exp_id, run_name=name, tags={k: redact(str(v)) for k, v in all_tags.items()})
+    run = client.create_run(exp_id, start_ms, {k: redact(str(v)) for k, v in all_tags.items()}, name)
     return MlflowTracker(client, run.info.run_id, exp_id)
 
 
+def _switched_off() -> bool:
+    return os.environ.get(SWITCH_ENV, "on").lower() in {"off", "0", "false", "no"}
+
+
 @contextmanager
-def _run(name: str, tags: Mapping[str, str], parent: str | None, experiment: str, params) -> Iterator[Tracker]:
-    """A run with `params`, closed FINISHED, or FAILED when the body raised (the body's error is the one raised)."""
-    if os.environ.get(SWITCH_ENV, "on").lower() in {"off", "0", "false", "no"}:
-        yield NullTracker()
-        return
-    tracker = _connect(name, tags, parent, experiment)
+def _closing(tracker, params) -> Iterator:
+    """`tracker` with `params`, closed FINISHED, or FAILED when the body raised (the body's error is the one raised)."""
     try:
         tracker.log_params(params)
         yield tracker
@@ -262,33 +231,61 @@ def _run(name: str, tags: Mapping[str, str], parent: str | None, experiment: str
 
 
 def stage_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None):
-    """The run of one stage, nested under the flow's run when there is one."""
-    return _run(stage, {"lmforge.stage": stage, **(tags or {})}, os.environ.get(PARENT_ENV),
-                os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT), params)
+    """The run of one stage: journalled for the flow's run when there is one, else a top-level MLflow run."""
+    tags = {"lmforge.stage": stage, **(tags or {})}
+    if _switched_off():
+        return _closing(NullTracker(), params)
+    if folder := os.environ.get(JOURNAL_ENV):
+        return _closing(JournalTracker(folder, stage, tags), params)
+    check_reachable(tracking_uri())
+    return _closing(_connect(stage, tags, os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)), params)
+
+
+def _stage_child(parent: MlflowTracker, name: str, tags: Mapping[str, str], start_ms: int) -> MlflowTracker:
+    return _connect(name, tags, "", parent, start_ms)
+
+
+@_reported
+def _abandon(client_or_parent, run_id: str, who: str, by: str = "the flow") -> None:
+    client = getattr(client_or_parent, "client", client_or_parent)
+    client.set_tag(run_id, ABANDONED_TAG, f"{who} ended without closing this run (killed?); {by} marked it FAILED")
+    client.set_terminated(run_id, "FAILED")
 
 
 @contextmanager
 def flow_run(name: str, experiment: str, params: Mapping[str, Any]) -> Iterator[Tracker]:
-    """The parent run of one flow run; stage processes started inside nest their runs under it."""
-    with _run(name, {"lmforge.flow": name}, None, experiment, params) as tracker:
-        os.environ.update({PARENT_ENV: tracker.run_id or "", EXPERIMENT_ENV: experiment})
-        try:
-            yield tracker
-        finally:  # a served flow runs many: the next one's stages must not nest under this one
-            os.environ.pop(PARENT_ENV, None)
-
-
-@_reported
-def settle_stage_runs(parent: Tracker, stage: str, tags: Mapping[str, str] | None = None) -> None:
-    """Once the flow is done with `stage`: an attempt whose process was killed is marked FAILED (nobody else
-    would), and the finished attempt gets `tags` (DVC's lock hash: DVC writes it after the stage exits)."""
-    if not isinstance(parent, MlflowTracker):
+    """The parent run of one flow run, and the writer of its stages' runs (their journals). MLflow is imported and
+    the run opened in the writer's thread while the first stage works; a failure there is raised by the flow's
+    next call on the run."""
+    if _switched_off():
+        yield NullTracker()
         return
-    end_abandoned(parent.client, parent.experiment_id)
-    query = f"tags.`{PARENT_TAG}` = '{parent.run_id}' and tags.`lmforge.stage` = '{stage}' and status = 'FINISHED'"
-    done = parent.client.search_runs([parent.experiment_id], query, max_results=1, order_by=["start_time DESC"])
-    if tags and done:
-        MlflowTracker(parent.client, done[0].info.run_id, parent.experiment_id).set_tags(tags)
+    check_reachable(tracking_uri())
+
+    def open_parent() -> MlflowTracker:
+        parent = _connect(name, {"lmforge.flow": name}, experiment)
+        parent.log_params(params)
+        return parent
+
+    writer = JournalWriter(open_parent, _stage_child, _abandon)
+    writer.start()
+    os.environ.update({JOURNAL_ENV: str(writer.folder), EXPERIMENT_ENV: experiment})
+    try:
+        yield writer
+    except BaseException:
+        with suppress(RuntimeError):  # the flow's own error is the one worth reporting
+            writer.close("FAILED")
+        raise
+    finally:  # a served flow runs many: the next one's stages must not write to this one's journal
+        os.environ.pop(JOURNAL_ENV, None)
+    writer.close("FINISHED")
+
+
+def settle_stage_runs(parent: Tracker, stage: str, tags: Mapping[str, str] | None = None) -> None:
+    """Once the flow is done with `stage`: what its process logged is in MLflow, an attempt whose process was killed
+    is marked FAILED, and the finished attempt gets `tags` (DVC's lock hash: DVC writes it after the stage exits)."""
+    if isinstance(parent, JournalWriter):
+        parent.settle(stage, tags)
 
 
 def stage_runs(parent_run_id: str) -> list[dict]:

@@ -14,8 +14,9 @@ from lmforge import tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# What a stage process does under the flow: it finds the flow's run in the environment and logs to MLflow itself.
-# With a second argument it is killed with SIGKILL mid-stage, so nothing of its own ends its run.
+# What a stage process does under the flow: it finds the flow's journal folder in the environment and appends its
+# calls there; the flow writes them to MLflow. With a second argument it is killed with SIGKILL mid-stage, so
+# nothing of its own ends its run.
 STAGE = """
 import os, signal, sys
 from lmforge import tracking
@@ -36,7 +37,7 @@ def _stage_process(*args: str) -> int:
 def store(tmp_path, monkeypatch):
     monkeypatch.setenv("LMFORGE_TRACKING", "on")
     monkeypatch.setenv("LMFORGE_ROOT", str(tmp_path))
-    for name in ("MLFLOW_TRACKING_URI", tracking.PARENT_ENV, tracking.EXPERIMENT_ENV):
+    for name in ("MLFLOW_TRACKING_URI", tracking.JOURNAL_ENV, tracking.EXPERIMENT_ENV):
         monkeypatch.delenv(name, raising=False)
     return tmp_path
 
@@ -57,7 +58,8 @@ def test_flow_run_nests_stage_runs_with_params_metrics_artifacts(store):
     child = children[0]
     assert child["status"] == "FINISHED" and child["metrics"]["loss"] == 1.0 and child["metrics"]["nested.x"] == 3
     assert child["tags"]["dvc.lock_md5"] == "abc" and child["tags"]["lmforge.stage"] == "pretrain"
-    assert child["tags"]["lmforge.pid"] != str(os.getpid())  # logged by the stage process itself
+    assert child["tags"]["lmforge.pid"] == str(os.getpid())  # written by the flow's process, which ends it
+    assert child["tags"]["lmforge.stage_pid"] != str(os.getpid())  # from the stage process's journal
     client = tracking._client()
     run_id = _run_id(client, parent.run_id, "pretrain")
     assert [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)] == [
@@ -137,13 +139,13 @@ def test_a_tracking_failure_is_reported_and_the_stage_error_wins(store, monkeypa
 def test_flow_run_exports_its_run_to_stages_only_while_it_lasts(store):
     """Stages started inside a flow run nest under it; once it ends, FINISHED or FAILED, a stage is top-level."""
     with tracking.flow_run("lifecycle", "exp", {"preset": "tiny"}) as parent:
-        assert os.environ[tracking.PARENT_ENV] == parent.run_id and os.environ[tracking.EXPERIMENT_ENV] == "exp"
+        assert Path(os.environ[tracking.JOURNAL_ENV]).is_dir() and os.environ[tracking.EXPERIMENT_ENV] == "exp"
         parent.log_metrics({"mix.seconds": 1.5})
-    assert tracking.PARENT_ENV not in os.environ
+    assert tracking.JOURNAL_ENV not in os.environ
     with pytest.raises(KeyboardInterrupt):
         with tracking.flow_run("lifecycle", "exp", {}) as failed:
             raise KeyboardInterrupt
-    assert tracking.PARENT_ENV not in os.environ
+    assert tracking.JOURNAL_ENV not in os.environ
     with tracking.stage_run("mix", {}) as alone:
         pass
     client = tracking._client()
@@ -156,10 +158,17 @@ def test_flow_run_exports_its_run_to_stages_only_while_it_lasts(store):
 
 
 def test_flow_run_tracking_failures_are_reported(store, monkeypatch):
+    """The flow's run opens in a thread while the first stage works: what failed there is raised by the flow's next
+    call on the run, or when the flow ends."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://nowhere")
     with pytest.raises(RuntimeError, match="nosuchscheme"):
+        with tracking.flow_run("lifecycle", "exp", {}) as parent:
+            parent.log_metrics({"mix.seconds": 1.0})
+            pytest.fail("the flow's first call on its run did not report the failure")
+    with pytest.raises(RuntimeError, match="nosuchscheme"):
         with tracking.flow_run("lifecycle", "exp", {}):
-            pytest.fail("the flow ran without its run")
+            pass
+    assert tracking.JOURNAL_ENV not in os.environ
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s3cret-lmforge@127.0.0.1:9")
     with pytest.raises(tracking.Unreachable, match=r"http://\*\*\*@127.0.0.1:9 is unreachable") as err:
         with tracking.flow_run("lifecycle", "exp", {}):
