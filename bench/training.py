@@ -293,7 +293,7 @@ def trl_ppo_direct(cfg, policy_dir: Path, reward_dir: Path, work: Path) -> list:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from lmforge.chat import END
+    from lmforge.chat import end_token
 
     set_seed(cfg.seed)
     cuda = cfg.device != "cpu" and torch.cuda.is_available()
@@ -301,7 +301,7 @@ def trl_ppo_direct(cfg, policy_dir: Path, reward_dir: Path, work: Path) -> list:
     tok = AutoTokenizer.from_pretrained(policy_dir)
     queries = ppo_queries(cfg, tok)
     tok.padding_side = "left"
-    tok.eos_token = END  # rollouts end their turn with <|end|>, as in the stage
+    tok.eos_token = end_token(tok)  # rollouts end their turn with <|end|>, as in the stage
 
     def scorer():
         m = AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1, pad_token_id=tok.pad_token_id)

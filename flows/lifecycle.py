@@ -368,8 +368,13 @@ def main(argv: list[str] | None = None) -> int:
         with project_lock(root, wait=not args.no_wait):
             # bad params or preset: one line now, before Prefect starts a server only to report it
             resolve_preset(args.preset, root / "configs") if args.preset else load_params(root / "params.yaml")
-            lifecycle(**params)
-    except (ConfigError, Busy) as err:
+            os.environ[tracking.ROOT_ENV] = str(root)  # the store the flow will use
+            tracking.prestart(args.experiment)  # MLflow's writer starts up while Prefect does
+            try:
+                lifecycle(**params)
+            finally:  # nothing ran, or the flow failed before its run: the writer has nothing to write
+                tracking.discard_prestarted()
+    except (ConfigError, Busy, tracking.Unreachable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except FailedRun as err:  # the flow ended Failed: one line (a stage's own error: line came before it)

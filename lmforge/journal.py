@@ -1,9 +1,12 @@
-"""How stage processes under a flow hand their tracking to the flow: each appends its calls to a file of JSON lines
-(`JournalTracker`), and one thread of the flow (`JournalWriter`) replays every whole line into a real tracker
-every half second, while the stage still works. A stage process so neither imports MLflow nor opens its store
-(1.7 s a stage on a 2-core AMD EPYC: `import mlflow` 1.2 s, opening the SQLite store 0.6 s), and the flow does
-that work once, on the core the stage leaves idle. What is MLflow stays in tracking.py: this module knows
-trackers, not MLflow.
+"""How a flow and its stage processes hand their tracking to one writer process. Each appends its calls to a file
+of JSON lines in the flow's journal folder (`JournalTracker`); the writer (`replay`, started by the flow) puts
+every whole line into a real tracker every half second, while the stages work. No stage process imports MLflow or
+opens its store (1.7 s a stage on a 2-core AMD EPYC: `import mlflow` 1.2 s, the SQLite store 0.6 s), and the
+writer's imports run on the core a stage leaves idle, not in the flow's process, whose threads share one GIL.
+What is MLflow stays in tracking.py: this module knows trackers, not MLflow.
+
+Files: `<ns>-<pid>.jsonl` per stage run, `flow.jsonl` for the flow's run (its `settle` lines say when the flow is
+done with a stage), `run_id` once the flow's run is open, `done` once it is closed, `error` when the writer failed.
 """
 
 from __future__ import annotations
@@ -11,27 +14,29 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
-import threading
 import time
-from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from lmforge.redact import flatten
 
 POLL_S = 0.5  # how often the writer reads the journals: the lag of the MLflow UI behind a stage
+FLOW = "flow.jsonl"
 
 
 class JournalTracker:
-    """A stage's Tracker under a flow: one JSON line per call in `folder`."""
+    """A Tracker whose calls are JSON lines in `folder` (a stage's file, or the flow's with `flow=True`)."""
     run_id = None
 
-    def __init__(self, folder: str | Path, name: str, tags: Mapping[str, str]):
-        self.path = Path(folder) / f"{time.time_ns()}-{os.getpid()}.jsonl"
+    def __init__(self, folder: str | Path, name: str, tags: Mapping[str, str], flow: bool = False):
+        self.folder = Path(folder)
+        self.path = self.folder / (FLOW if flow else f"{time.time_ns()}-{os.getpid()}.jsonl")
         self._copies = 0
-        self._write("open", name=name, tags={**tags, "lmforge.stage_pid": str(os.getpid())}, pid=os.getpid())
+        self._write("open", name=name, tags={**tags, "lmforge.process": str(os.getpid())}, pid=os.getpid())
 
     def _write(self, op: str, **data: Any) -> None:
         with self.path.open("a") as journal:  # one whole line a call: the writer reads whole lines only
@@ -44,7 +49,7 @@ class JournalTracker:
         self._write("metrics", metrics=flatten(metrics), step=step)
 
     def log_artifact(self, path, artifact_path=None):
-        if (path := Path(path)).exists():  # a copy: the stage moves its outputs when it publishes
+        if (path := Path(path)).exists():  # a copy: a stage moves its outputs when it publishes
             self._copies += 1
             copy = self.path.with_suffix(f".{self._copies}") / path.name
             copy.parent.mkdir()
@@ -58,120 +63,151 @@ class JournalTracker:
         self._write("close", status=status)
 
 
+class Writer:
+    """The writer process, started before the flow knows whether it will run anything, so that its imports and
+    the store's opening overlap the flow's start-up; `cancel()` ends it when nothing runs."""
+
+    def __init__(self, command: list[str]):
+        self.folder = Path(tempfile.mkdtemp(prefix="lmforge-journal-"))
+        self.process = subprocess.Popen([*command, str(self.folder), str(os.getpid())], stdin=subprocess.DEVNULL)
+
+    def failure(self, before: str) -> str | None:
+        """What went wrong in the writer, or None while it works."""
+        if (self.folder / "error").exists():
+            return (self.folder / "error").read_text()
+        if self.process.poll() is not None and not (self.folder / before).exists():
+            return f"the MLflow writer process ended (exit code {self.process.returncode}) before it {before}"
+        return None
+
+    def wait_for(self, name: str) -> str:
+        """The content of the file `name` once the writer has written it (raises what failed there)."""
+        while not (self.folder / name).exists():
+            if why := self.failure(name):
+                raise RuntimeError(why)
+            time.sleep(0.02)
+        return (self.folder / name).read_text()
+
+    def cancel(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class FlowJournal(JournalTracker):
+    """The flow's side: its own run's calls, and `settle` marks, for the writer process."""
+
+    def __init__(self, writer: Writer, name: str, tags: Mapping[str, str]):
+        super().__init__(writer.folder, name, tags, flow=True)
+        self.writer = writer
+        self._run_id: str | None = None
+
+    def settle(self, stage: str, tags: Mapping[str, str] | None) -> None:
+        self._write("settle", stage=stage, tags=dict(tags or {}))
+
+    @property
+    def run_id(self) -> str:
+        """The flow's run id, once the writer has opened the run (raises what failed there)."""
+        if self._run_id is None:
+            self._run_id = self.writer.wait_for("run_id")
+        return self._run_id
+
+    def close(self, status: str) -> None:
+        """Every journal written and the flow's run closed by the writer (not waiting for its process to exit);
+        then the folder goes."""
+        try:
+            super().close(status)
+            self.writer.wait_for("done")
+            self.run_id  # noqa: B018 - read while the folder is there
+        finally:
+            if self.writer.process.poll() is not None or (self.writer.folder / "done").exists():
+                shutil.rmtree(self.writer.folder, ignore_errors=True)
+            else:
+                self.writer.cancel()
+
+
 @dataclass
 class _Journal:
     read: int = 0  # bytes replayed
     name: str = ""
     pid: int = 0
-    run: Any = None  # the tracker the lines go to
-    status: str | None = None  # as the stage closed it; "settled" once the flow is done with it
+    run: Any = None  # the tracker its lines go to
+    status: str | None = None  # as its process closed it; "settled" once the flow is done with it
+    tags: dict = field(default_factory=dict)
 
 
-class JournalWriter(threading.Thread):
-    """Opens the parent tracker (`open_parent()`), then replays the journals of `folder` into child trackers
-    (`open_child(parent, name, tags, start_ms)`). Its Tracker calls go to the parent once it is open; what failed
-    in the thread is raised by the next call."""
+def replay(folder: Path, owner: int, open_run: Callable[..., Any], abandon: Callable[[Any, Any, str], None],
+           alive: Callable[[int], bool]) -> int:
+    """The writer process: replays the flow's and its stages' journals into trackers made by
+    `open_run(name, tags, start_ms, parent)` until the flow closes its run (0), or marks every open run
+    abandoned when the flow's process (`owner`) died (1)."""
+    journals: dict[Path, _Journal] = {}
+    flow = _Journal()
 
-    def __init__(self, open_parent: Callable[[], Any], open_child: Callable[..., Any],
-                 abandon: Callable[[Any, str], None]):
-        super().__init__(name="lmforge-journal-writer", daemon=True)
-        self.folder = Path(tempfile.mkdtemp(prefix="lmforge-journal-"))
-        self._open_parent, self._open_child, self._abandon = open_parent, open_child, abandon
-        self._lock, self._ready, self._finish = threading.Lock(), threading.Event(), threading.Event()
-        self._parent: Any = None
-        self._error: BaseException | None = None
-        self._journals: dict[Path, _Journal] = {}
+    def read(path: Path, journal: _Journal) -> list[dict]:
+        if not path.exists():  # the flow has not opened its run yet
+            return []
+        with path.open("rb") as file:
+            file.seek(journal.read)
+            whole = file.read()
+        whole = whole[:whole.rfind(b"\n") + 1]
+        journal.read += len(whole)
+        return [json.loads(line) for line in whole.splitlines()]
 
-    def run(self) -> None:
-        try:
-            self._parent = self._open_parent()
-        except BaseException as err:  # noqa: BLE001 - raised in the flow's thread by its next call
-            self._error = err
-        self._ready.set()
-        while self._error is None and not self._finish.wait(POLL_S):
-            with suppress(Exception), self._lock:
-                self._replay()
+    def stages() -> None:
+        for path in sorted(folder.glob("*-*.jsonl")):
+            journal = journals.setdefault(path, _Journal())
+            for entry in read(path, journal):
+                _apply(journal, entry, open_run, flow.run)
 
-    @property
-    def parent(self) -> Any:
-        self._ready.wait()
-        if self._error is not None:
-            raise self._error
-        return self._parent
+    while True:
+        if flow.run:  # stages nest under the flow's run; before the flow's lines: a settle follows its stage's last
+            stages()
+        for entry in read(folder / FLOW, flow):
+            if entry["op"] == "open":
+                _apply(flow, entry, open_run, None)
+                (folder / "run_id.tmp").write_text(flow.run.run_id)
+                os.replace(folder / "run_id.tmp", folder / "run_id")
+            elif entry["op"] == "settle" or entry["op"] == "close":
+                stages()
+                for journal in journals.values():
+                    if journal.run and journal.status != "settled" and entry.get("stage") in (None, journal.name):
+                        if journal.status is None:
+                            abandon(flow.run, journal.run, f"stage process {journal.pid}")
+                        elif journal.status == "FINISHED" and entry.get("tags"):
+                            journal.run.set_tags(entry["tags"])
+                        journal.status = "settled"
+                if entry["op"] == "close":
+                    flow.run.close(entry["status"], entry["ms"])
+                    (folder / "done").write_text(entry["status"])
+                    return 0
+            else:
+                _apply(flow, entry, open_run, None)
+        if not alive(owner):
+            for journal in [flow, *journals.values()]:
+                if journal.run and journal.status is None:
+                    abandon(flow.run, journal.run, f"the flow process {owner}")
+            return 1
+        time.sleep(POLL_S)
 
-    @property
-    def run_id(self) -> str | None:
-        return self.parent.run_id
 
-    def _replay(self) -> None:
-        try:
-            for path in sorted(self.folder.glob("*.jsonl")):
-                journal = self._journals.setdefault(path, _Journal())
-                with path.open("rb") as file:
-                    file.seek(journal.read)
-                    data = file.read()
-                whole = data[:data.rfind(b"\n") + 1]
-                journal.read += len(whole)
-                for line in whole.splitlines():
-                    self._apply(journal, json.loads(line))
-        except BaseException as err:
-            self._error = err
-            raise
+def _apply(journal: _Journal, entry: dict, open_run: Callable[..., Any], parent: Any) -> None:
+    op, run = entry["op"], journal.run
+    if op == "open":
+        journal.name, journal.pid = entry["name"], entry["pid"]
+        journal.run = open_run(entry["name"], entry["tags"], entry["ms"], parent)
+    elif op == "params":
+        run.log_params(entry["params"])
+    elif op == "metrics":
+        run.log_metrics(entry["metrics"], entry["step"])
+    elif op == "artifact":
+        run.log_artifact(entry["path"], entry["artifact_path"])
+    elif op == "tags":
+        run.set_tags(entry["tags"])
+    elif op == "close":
+        run.close(entry["status"], entry["ms"])
+        journal.status = entry["status"]
 
-    def _apply(self, journal: _Journal, entry: dict) -> None:
-        op, run = entry["op"], journal.run
-        if op == "open":
-            journal.name, journal.pid = entry["name"], entry["pid"]
-            journal.run = self._open_child(self._parent, entry["name"], entry["tags"], entry["ms"])
-        elif op == "params":
-            run.log_params(entry["params"])
-        elif op == "metrics":
-            run.log_metrics(entry["metrics"], entry["step"])
-        elif op == "artifact":
-            run.log_artifact(entry["path"], entry["artifact_path"])
-        elif op == "tags":
-            run.set_tags(entry["tags"])
-        elif op == "close":
-            run.close(entry["status"], entry["ms"])
-            journal.status = entry["status"]
 
-    def settle(self, name: str | None, tags: Mapping[str, str] | None = None) -> None:
-        """Once the flow is done with stage `name` (None: with every stage): its journals replayed whole; a run
-        whose process died without closing it is abandoned (FAILED); the finished one gets `tags`."""
-        parent = self.parent
-        with self._lock:
-            self._replay()
-            for journal in self._journals.values():
-                if journal.run is None or journal.status == "settled" or name not in (None, journal.name):
-                    continue
-                if journal.status is None:
-                    self._abandon(parent, journal.run.run_id, f"stage process {journal.pid}")
-                elif journal.status == "FINISHED" and tags:
-                    journal.run.set_tags(tags)
-                journal.status = "settled"
-
-    def _call(self, method: str, *args) -> None:
-        with self._lock:
-            getattr(self.parent, method)(*args)
-
-    def log_params(self, params):
-        self._call("log_params", params)
-
-    def log_metrics(self, metrics, step=None):
-        self._call("log_metrics", metrics, step)
-
-    def log_artifact(self, path, artifact_path=None):
-        self._call("log_artifact", path, artifact_path)
-
-    def set_tags(self, tags):
-        self._call("set_tags", tags)
-
-    def close(self, status: str) -> None:
-        """Every journal replayed and settled, then the parent closed and the journal folder removed."""
-        try:
-            self._finish.set()
-            self.join()
-            self.settle(None)
-            self._call("close", status)
-        finally:
-            shutil.rmtree(self.folder, ignore_errors=True)
+def writer_command(module_call: str) -> list[str]:
+    """`python -c "<module_call>" <folder> <flow pid>`: the writer process, in this interpreter."""
+    return [sys.executable, "-c", module_call]

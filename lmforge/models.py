@@ -72,10 +72,12 @@ def context_length(model_dir: str | Path) -> int | None:
     import json
 
     try:
-        value = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings")
-    except (OSError, ValueError, AttributeError):
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
         return None
-    return value if isinstance(value, int) else None
+    names = ("max_position_embeddings", "n_positions", "n_ctx")  # Llama-style, GPT-2's
+    value = next((config[n] for n in names if isinstance(config, dict) and isinstance(config.get(n), int)), None)
+    return value
 
 
 def weight_bytes(model_dir: str | Path) -> int:
@@ -140,19 +142,20 @@ def read_tokenizer(folder: str | Path, chat_specials: bool = True):
         name = "tokenizer.json" if (folder / "tokenizer.json").is_file() else "tokenizer files"
         raise InputError(f"{folder / name}: cannot load the tokenizer ({str(err).splitlines()[0][:200]})") from None
     missing = [t for t in chat.SPECIAL_TOKENS if t not in tok.get_vocab()] if chat_specials else []
-    if missing:
-        raise InputError(f"{folder}: the tokenizer lacks lmforge's chat token(s) {', '.join(missing)} "
-                         "(make it with the tokenizer stage, or see tokenizer.special_tokens)")
+    if missing and not chat.own_format(tok):
+        raise InputError(f"{folder}: the tokenizer lacks lmforge's chat token(s) {', '.join(missing)} and has no chat "
+                         "template of its own marked for training (make it with the tokenizer stage, or a base "
+                         "model's with the base stage; see tokenizer.special_tokens)")
     return tok
 
 
 def stop_token_ids(tokenizer) -> list[int]:
     """Generation stops at end-of-turn, or at eos for models that never learnt the chat format."""
-    ids = [tokenizer.convert_tokens_to_ids(chat.END), tokenizer.eos_token_id]
+    ids = [chat.end_token_id(tokenizer), tokenizer.eos_token_id]
     return [i for i in dict.fromkeys(ids) if i is not None and i != tokenizer.unk_token_id]
 
 
 def set_generation_defaults(model, tokenizer) -> None:
-    """Saved models stop at <|end|> when a user calls generate() without arguments."""
+    """Saved models stop at the end of a turn when a user calls generate() without arguments."""
     model.generation_config.eos_token_id = stop_token_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

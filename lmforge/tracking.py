@@ -1,14 +1,10 @@
 """The one module that writes to MLflow (with registry.py). Stages get a `Tracker`: `NullTracker` (does nothing)
 in tests and with `LMFORGE_TRACKING=off`. Runs go to `MLFLOW_TRACKING_URI`, else to `mlflow.db` and
-`mlartifacts/` in the project.
-
-Under a flow, MLflow is the flow's business: `flow_run` starts one writer thread that opens the flow's run and
-exports a journal folder (`LMFORGE_JOURNAL`); each stage process appends its calls there as JSON lines
-(`JournalTracker`: no MLflow import, no store opened, 1.7 s a stage saved) and the writer puts them, every half
-second, into the stage's run nested under the flow's, while the stage still works. A stage run by `dvc repro`
-alone writes its top-level run itself. Every run is tagged with the process that will end it (host, pid, start
-time): a run that a dead process (kill -9) left RUNNING is marked FAILED by the next run opened in the experiment,
-and a stage killed under a live flow is marked FAILED by the flow (`settle_stage_runs`).
+`mlartifacts/` in the project. Under a flow, the flow and its stage processes journal their calls
+(lmforge/journal.py, `LMFORGE_JOURNAL`) and one writer process puts them in MLflow as the flow's run with the stage
+runs nested under it; a stage run by `dvc repro` alone writes its top-level run itself. Every run is tagged with the
+process that will end it (host, pid, start time): a run that a dead process (kill -9) left RUNNING is marked
+FAILED by the next run opened in the experiment, and a stage killed under a live flow by the flow's writer.
 """
 
 import functools
@@ -25,7 +21,8 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from lmforge.journal import JournalTracker, JournalWriter
+from lmforge import journal
+from lmforge.owners import HOST_TAG, PID_TAG, owner_gone, owner_tags
 from lmforge.redact import flatten, redact
 
 JOURNAL_ENV = "LMFORGE_JOURNAL"  # set by a flow for its stages: the folder their calls go to
@@ -34,7 +31,6 @@ SWITCH_ENV = "LMFORGE_TRACKING"  # "off" disables tracking
 ROOT_ENV = "LMFORGE_ROOT"  # project folder holding the default store; the flow sets it for its stages
 DEFAULT_EXPERIMENT = "lmforge"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests a run under the one it names
-HOST_TAG, PID_TAG, PID_START_TAG = "lmforge.host", "lmforge.pid", "lmforge.pid_start"  # who ends the run
 ABANDONED_TAG = "lmforge.abandoned"
 
 
@@ -110,30 +106,6 @@ class MlflowTracker:
     @_reported
     def close(self, status: str, end_ms: int | None = None) -> None:
         self.client.set_terminated(self.run_id, status, end_ms)
-
-
-def _started(process: psutil.Process) -> str:  # with the pid, it names one process even once the pid is reused
-    return f"{process.create_time():.2f}"
-
-
-def owner_tags() -> dict[str, str]:
-    """Tags naming this process as the one that ends the run it creates."""
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PID_START_TAG: _started(psutil.Process())}
-
-
-def owner_gone(tags: Mapping[str, str]) -> bool:
-    """Whether the run's owner (its tags) has surely ended: this host, its pid free, a zombie or another process."""
-    pid = tags.get(PID_TAG, "")
-    if tags.get(HOST_TAG) != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        process = psutil.Process(int(pid))
-        reused = bool(tags.get(PID_START_TAG)) and _started(process) != tags[PID_START_TAG]
-        return reused or process.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.AccessDenied:  # exists, another user's: take it for the owner
-        return False
 
 
 def end_abandoned(client, experiment_id: str) -> list[str]:
@@ -236,55 +208,74 @@ def stage_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | N
     if _switched_off():
         return _closing(NullTracker(), params)
     if folder := os.environ.get(JOURNAL_ENV):
-        return _closing(JournalTracker(folder, stage, tags), params)
+        return _closing(journal.JournalTracker(folder, stage, tags), params)
     check_reachable(tracking_uri())
     return _closing(_connect(stage, tags, os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)), params)
 
 
-def _stage_child(parent: MlflowTracker, name: str, tags: Mapping[str, str], start_ms: int) -> MlflowTracker:
-    return _connect(name, tags, "", parent, start_ms)
-
-
 @_reported
-def _abandon(client_or_parent, run_id: str, who: str, by: str = "the flow") -> None:
+def _abandon(client_or_parent, run_id: str, who: str, by: str = "the flow's writer") -> None:
     client = getattr(client_or_parent, "client", client_or_parent)
     client.set_tag(run_id, ABANDONED_TAG, f"{who} ended without closing this run (killed?); {by} marked it FAILED")
     client.set_terminated(run_id, "FAILED")
 
 
+def _open_run(name: str, tags: Mapping[str, str], start_ms: int, parent: MlflowTracker | None) -> MlflowTracker:
+    return _connect(name, tags, os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT), parent, start_ms)
+
+
+def write_journals(folder: str, owner: str) -> int:
+    """The writer process of a flow (lmforge/journal.py): MLflow runs from the journals in `folder`."""
+    try:
+        _experiment_id(_client(), os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))  # MLflow ready before needed
+        return journal.replay(Path(folder), int(owner), _open_run,
+                              lambda _, run, who: _abandon(run, run.run_id, who), psutil.pid_exists)
+    except BaseException as err:  # noqa: BLE001 - the flow reads it and raises it
+        text = str(err) if isinstance(err, RuntimeError) else f"MLflow tracking failed: {type(err).__name__}: {err}"
+        (Path(folder) / "error").write_text(redact(text))
+        return 1
+
+
+WRITER = "import sys; from lmforge import tracking; sys.exit(tracking.write_journals(*sys.argv[1:]))"
+_prestarted: dict[str, journal.Writer] = {}  # experiment -> a writer process waiting for this process's flow run
+
+
+def prestart(experiment: str) -> None:
+    """Start the writer of this process's next flow run in `experiment` now: it imports MLflow and opens the store
+    (2 s) while the flow starts up. `discard_prestarted()` ends it when the flow runs nothing."""
+    if not _switched_off() and experiment not in _prestarted:
+        check_reachable(tracking_uri())
+        os.environ[EXPERIMENT_ENV] = experiment
+        _prestarted[experiment] = journal.Writer(journal.writer_command(WRITER))
+
+
+def discard_prestarted() -> None:
+    while _prestarted:
+        _prestarted.popitem()[1].cancel()
+
+
 @contextmanager
 def flow_run(name: str, experiment: str, params: Mapping[str, Any]) -> Iterator[Tracker]:
-    """The parent run of one flow run, and the writer of its stages' runs (their journals). MLflow is imported and
-    the run opened in the writer's thread while the first stage works; a failure there is raised by the flow's
-    next call on the run."""
+    """The parent run of one flow run: its calls, and those of the stage processes started inside, go to the
+    journal folder the writer process replays into MLflow; what failed there is raised when the flow needs its
+    run id, and when it ends."""
     if _switched_off():
         yield NullTracker()
         return
-    check_reachable(tracking_uri())
-
-    def open_parent() -> MlflowTracker:
-        parent = _connect(name, {"lmforge.flow": name}, experiment)
-        parent.log_params(params)
-        return parent
-
-    writer = JournalWriter(open_parent, _stage_child, _abandon)
-    writer.start()
-    os.environ.update({JOURNAL_ENV: str(writer.folder), EXPERIMENT_ENV: experiment})
+    prestart(experiment)
+    flow = journal.FlowJournal(_prestarted.pop(experiment), name, {"lmforge.flow": name})
+    os.environ[JOURNAL_ENV] = str(flow.folder)
     try:
-        yield writer
-    except BaseException:
-        with suppress(RuntimeError):  # the flow's own error is the one worth reporting
-            writer.close("FAILED")
-        raise
+        with _closing(flow, params) as tracker:
+            yield tracker
     finally:  # a served flow runs many: the next one's stages must not write to this one's journal
         os.environ.pop(JOURNAL_ENV, None)
-    writer.close("FINISHED")
 
 
 def settle_stage_runs(parent: Tracker, stage: str, tags: Mapping[str, str] | None = None) -> None:
-    """Once the flow is done with `stage`: what its process logged is in MLflow, an attempt whose process was killed
-    is marked FAILED, and the finished attempt gets `tags` (DVC's lock hash: DVC writes it after the stage exits)."""
-    if isinstance(parent, JournalWriter):
+    """Once the flow is done with `stage`: an attempt whose process was killed is marked FAILED, and the finished
+    attempt gets `tags` (DVC's lock hash: DVC writes it after the stage exits)."""
+    if isinstance(parent, journal.FlowJournal):
         parent.settle(stage, tags)
 
 

@@ -21,7 +21,7 @@ from lmforge import distributed
 from lmforge.data import posttrain_data
 from lmforge.training import resume
 from lmforge.training.callbacks import OnLog
-from lmforge.chat import END
+from lmforge.chat import end_token, end_token_id
 from lmforge.config import GrpoConfig
 from lmforge.models import load_tokenizer
 from lmforge.training.policy_eval import check_same_tokenizer, measure, query_ids
@@ -66,7 +66,7 @@ def _reply_text(completion) -> str:
 
 def reward_functions(tokenizer, cfg: GrpoConfig, reward_model=None) -> tuple[list, list[float]]:
     """GRPOTrainer's reward functions (named for its logs: rewards/<name>/mean) and their weights."""
-    end_id = tokenizer.convert_tokens_to_ids(END)
+    end_id = end_token_id(tokenizer)
 
     def correct(completions, completion_ids, answer, **_):
         return [verify(_reply_text(c), a, end_id in ids)["correct"] for c, ids, a in zip(completions, completion_ids, answer)]
@@ -113,7 +113,7 @@ def make_trainer(cfg: GrpoConfig, model, tokenizer, rows: list[dict], work: Path
 
     # TRL stops sampling and masks replies at its tokenizer's eos; a chat turn ends at <|end|>, so its copy says so
     gen_tok = copy.deepcopy(tokenizer)
-    gen_tok.eos_token = END
+    gen_tok.eos_token = end_token(tokenizer)
     funcs, weights = reward_functions(tokenizer, cfg, reward_model)
     args = TrlGrpoConfig(
         max_steps=cfg.max_steps,

@@ -29,7 +29,8 @@ from lmforge.stage import cli, write_meta
 
 def chat_token_ids(tokenizer) -> list[int]:
     """The role and end-of-turn tokens. Pretraining text never contains them, so their embedding rows are
-    untrained noise that frozen-base LoRA could not fix: it learns much slower without these few rows."""
+    untrained noise that frozen-base LoRA could not fix: it learns much slower without these few rows. A base
+    model's own chat tokens (ChatML) were trained already: none then."""
     ids = [tokenizer.convert_tokens_to_ids(t) for t in (chat.SYSTEM, chat.USER, chat.ASSISTANT, chat.END)]
     return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
 
@@ -70,7 +71,7 @@ def run(cfg: LoraConfig, *, base: Path, out: Path, tracker, checkpoints: Path | 
         raise InputError(f"{base}: target_modules {missing} are not modules of this model")
     peft_config = PeftLoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
-        trainable_token_indices=chat_token_ids(tokenizer) if cfg.train_chat_tokens else None,
+        trainable_token_indices=(chat_token_ids(tokenizer) or None) if cfg.train_chat_tokens else None,
         task_type="CAUSAL_LM",
     )
     trainer, metrics = finetune(cfg, model, tokenizer, train_convs, out, tracker, device, peft_config=peft_config,

@@ -5,9 +5,8 @@ AdamW, linear warm-up and cosine decay, gradient clipping and accumulation, bf16
 Evaluates held-out loss per source, checkpoints periodically and resumes from the last checkpoint
 when it was written by the same config and data. Output loads with `AutoModelForCausalLM`.
 
-With `init_from` (a local folder, or a hub id when `allow_network` is on) the stage continues training
-that model with that model's tokenizer, to which lmforge's chat tokens and template are added; the
-tokenizer stage's output is then unused.
+When the base stage wrote a pretrained model (`base.source`), the stage continues training it (continued
+pretraining on the mix) with its own tokenizer, which the tokenizer stage kept; the size knobs are then unused.
 """
 
 from __future__ import annotations
@@ -25,67 +24,28 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lmforge import chat
 from lmforge import distributed
 from lmforge.config import PretrainConfig
 from lmforge.data.corpus import source_names
 from lmforge.lm import (build_model, eval_windows, fingerprint, flops_per_token, load_checkpoint, lr_at, param_groups,
                         resolve_device, save_checkpoint, tokenize_split)
-from lmforge.models import check_weights, read_tokenizer
+from lmforge.models import NOT_WRITTEN, check_weights, context_length, read_tokenizer
 from lmforge.errors import InputError
 from lmforge.stage import cli, write_meta
 from lmforge.tracking import Tracker
 
 
 # --------------------------------------------------------------------------------------------- model
-def base_tokenizer(cfg: PretrainConfig):
-    """init_from's tokenizer with lmforge's chat tokens and template, so later stages work unchanged. Checks
-    first what loading would run: code named by the config (auto_map), pickle weights, damaged safetensors."""
-    from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
-
-    local, trust = Path(cfg.init_from), cfg.trust_remote_code
-    if local.is_dir():
-        check_weights(local, "pretrain.init_from", cfg.allow_pickle)
-    try:
-        raw, _ = PretrainedConfig.get_config_dict(cfg.init_from, local_files_only=not cfg.allow_network)
-        if raw.get("auto_map") and not trust:
-            raise InputError(f"pretrain.init_from: {cfg.init_from!r} needs remote code (auto_map: "
-                             f"{', '.join(raw['auto_map'])}); set pretrain.trust_remote_code: true if you trust it")
-        config = AutoConfig.from_pretrained(cfg.init_from, local_files_only=not cfg.allow_network, trust_remote_code=trust)
-        tok = AutoTokenizer.from_pretrained(cfg.init_from, local_files_only=not cfg.allow_network, trust_remote_code=trust)
-    except (OSError, ValueError) as err:
-        if isinstance(err, InputError):
-            raise
-        hint = "" if cfg.allow_network else " (offline: a local folder or the HF cache; pretrain.allow_network downloads)"
-        raise InputError(f"pretrain.init_from: cannot load {cfg.init_from!r}{hint}: {str(err).splitlines()[0]}") from None
-    if not tok.is_fast:
-        raise InputError(f"pretrain.init_from: {cfg.init_from!r} has no fast tokenizer (tokenizer.json)")
-    context = getattr(config, "max_position_embeddings", None)
-    if context and cfg.seq_len > context:
-        raise InputError(f"pretrain.seq_len ({cfg.seq_len}) is longer than {cfg.init_from!r}'s context ({context})")
-    new = [t for t in chat.SPECIAL_TOKENS if t not in tok.get_vocab()]
-    if new:
-        tok.add_tokens(new, special_tokens=True)
-    return chat.configure(tok)
-
-
-def load_base(cfg: PretrainConfig, tokenizer):
-    """init_from's weights, embeddings grown to the tokenizer, special-token ids set from it."""
+def load_base(base: Path):
+    """The base stage's model (its embeddings already match the tokenizer stage's copy of its tokenizer)."""
     from transformers import AutoModelForCausalLM
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.init_from, local_files_only=not cfg.allow_network, dtype=torch.float32,
-            use_safetensors=None if cfg.allow_pickle else True, trust_remote_code=cfg.trust_remote_code)
-    except OSError as err:  # a hub model without safetensors weights, when pickle is not allowed
-        raise InputError(f"pretrain.init_from: cannot load the weights of {cfg.init_from!r}: "
-                         f"{str(err).splitlines()[0]} (pretrain.allow_pickle: {str(cfg.allow_pickle).lower()})") from None
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
-    for holder in (model.config, model.generation_config):
-        holder.bos_token_id, holder.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-        holder.pad_token_id = tokenizer.pad_token_id
-    return model
+    check_weights(base, "base model")
+    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
+
+
+def new_model(cfg: PretrainConfig, tok, base: Path | None):
+    return load_base(base) if base else build_model(cfg, tok)
 
 
 # ------------------------------------------------------------------------------------- evaluation
@@ -155,25 +115,30 @@ class Run:
     history: dict = field(default_factory=lambda: {"train": [], "val": []})
     start_step: int = 0
     train_time: float = 0.0
+    base: Path | None = None  # the base stage's model this run continues, if any
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
 
 
 def run(cfg: PretrainConfig, *, corpus: Path, tokenizer: Path, out: Path, tracker: Tracker,
-        checkpoints: Path | None = None) -> dict:
-    """Pretrain a Llama-style model (or continue init_from's) on the mixed corpus."""
+        checkpoints: Path | None = None, base: Path | None = None) -> dict:
+    """Pretrain a Llama-style model (or continue the base stage's) on the mixed corpus."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    if cfg.init_from:
-        print(f"pretrain: continuing {cfg.init_from} with its own tokenizer ({tokenizer} is not used)", file=sys.stderr)
-    tok = base_tokenizer(cfg) if cfg.init_from else read_tokenizer(tokenizer)
+    base = None if base is None or (Path(base) / NOT_WRITTEN).is_file() else Path(base)
+    if base:
+        print(f"pretrain: continuing the base model in {base}", file=sys.stderr)
+        if (context := context_length(base)) and cfg.seq_len > context:
+            raise InputError(f"pretrain.seq_len ({cfg.seq_len}) is longer than the base model's context ({context})")
+    tok = read_tokenizer(tokenizer)
     device, amp_dtype = resolve_device(cfg)
     distributed.init(device)
     r = Run(cfg, tracker, device, amp_dtype, checkpoints, distributed.per_process(cfg.batch_size, "pretrain.batch_size"))
 
     train, val_windows = read_data(cfg, tok, corpus)
-    r.model, r.optimizer = make_model(cfg, tok, device)
+    r.model, r.optimizer = make_model(cfg, tok, device, base)
+    r.base = base
     r.rng = torch.Generator().manual_seed(cfg.seed)
     r.fp = fingerprint(cfg, train)
     resume_run(r)
@@ -186,7 +151,7 @@ def run(cfg: PretrainConfig, *, corpus: Path, tokenizer: Path, out: Path, tracke
     if model_dir is None:  # not the main process
         return {}
     metrics = final_metrics(r, train, n_params, fpt)
-    write_meta(model_dir, "pretrain", cfg, metrics, {"corpus": corpus, "tokenizer": tokenizer})
+    write_meta(model_dir, "pretrain", cfg, metrics, {"corpus": corpus, "tokenizer": tokenizer, "base": base or ""})
     return metrics
 
 
@@ -204,9 +169,9 @@ def read_data(cfg: PretrainConfig, tok, corpus: Path) -> tuple[np.ndarray, dict[
 
 
 # ------------------------------------------------------------------------------------------- model
-def make_model(cfg: PretrainConfig, tok, device):
-    """The model (random init or init_from's) on `device`, compiled if asked, spread over the processes; its AdamW."""
-    model = (load_base(cfg, tok) if cfg.init_from else build_model(cfg, tok)).to(device)
+def make_model(cfg: PretrainConfig, tok, device, base: Path | None):
+    """The model (random init or the base's) on `device`, compiled if asked, spread over the processes; its AdamW."""
+    model = new_model(cfg, tok, base).to(device)
     if cfg.compile:
         model.compile()  # in place: parameter names, checkpoints and save_pretrained are unchanged
     model = distributed.wrap(model, device)  # DDP or FSDP over the processes; unchanged with one
@@ -341,12 +306,13 @@ def save_outputs(r: Run, tok, out: Path) -> Path | None:
         return None
     model = distributed.unwrap(r.model)
     if distributed.strategy() == "fsdp" and distributed.is_worker():
-        model = (load_base(cfg, tok) if cfg.init_from else build_model(cfg, tok)).to(r.device)
+        model = new_model(cfg, tok, r.base).to(r.device)
         model.load_state_dict(model_state)
     model_dir = out / "model"
     model.config.use_cache = True
     model.save_pretrained(model_dir)
-    tok.model_max_length = cfg.seq_len
+    if not r.base:  # a base keeps the context it was pretrained for
+        tok.model_max_length = cfg.seq_len
     tok.save_pretrained(model_dir)
     samples = generate_samples(model, tok, cfg.sample_prompts, cfg.sample_tokens, r.device)
     (model_dir / "samples.txt").write_text(samples)
@@ -358,7 +324,8 @@ def save_outputs(r: Run, tok, out: Path) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     return cli("pretrain", run, inputs=("corpus", "tokenizer"), argv=argv,
-               options={"checkpoints": {"type": Path, "default": None, "help": "folder for resumable checkpoints"}})
+               options={"checkpoints": {"type": Path, "default": None, "help": "folder for resumable checkpoints"},
+                        "base": {"type": Path, "default": None, "help": "the base stage's model folder, to continue"}})
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Stage `tokenizer`: train a tokenizer on the corpus's training split, measure it on the held-out split.
+"""Stage `tokenizer`: train a tokenizer on the corpus's training split, measure it on the held-out split. With a
+base model (the base stage's), its own tokenizer is kept and measured instead.
 
 Byte-level BPE by default: its 256-byte alphabet means no input is ever unknown. WordPiece and Unigram
 are options; both mark spaces with Metaspace's "▁" and decode by plain concatenation, so
@@ -23,6 +24,7 @@ from lmforge.errors import ConfigError
 from lmforge.config import TokenizerConfig
 from lmforge.data.corpus import iter_texts, source_names
 from lmforge.errors import InputError
+from lmforge.models import NOT_WRITTEN
 from lmforge.stage import cli, write_meta
 
 BATCH = 1000  # texts per batch for training and encode_batch
@@ -264,9 +266,8 @@ def encode_stats(tok, texts: list[str], seen: set[int], unk_id: int | None) -> t
     return n_bytes, n_tokens, n_unk
 
 
-def measure(tok, cfg: TokenizerConfig, train: dict[str, list[str]], val: dict[str, list[str]]) -> dict:
+def measure(tok, unk_id: int | None, train: dict[str, list[str]], val: dict[str, list[str]]) -> dict:
     vocab = tok.get_vocab_size()
-    unk_id = tok.token_to_id(cfg.unk_token) if cfg.kind != "bpe" else None
     bpt, seen, tot_b, tot_t, tot_u = {}, set(), 0, 0, 0
     for source, texts in val.items():
         b, t, u = encode_stats(tok, texts, seen, unk_id)
@@ -288,11 +289,38 @@ def measure(tok, cfg: TokenizerConfig, train: dict[str, list[str]], val: dict[st
 
 
 # -------------------------------------------------------------------------------------------- stage
-def run(cfg: TokenizerConfig, *, corpus: Path, out: Path, tracker) -> dict:
-    """Train a tokenizer on the corpus's train split; write it to out/tokenizer with its val metrics."""
+def write_bytes_per_token(out: Path, metrics: dict, tracker) -> None:
+    with (out / "bytes_per_token.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["source", "bytes_per_token"])
+        writer.writerows(metrics["bytes_per_token"].items())
+    tracker.log_artifact(out / "bytes_per_token.csv")
+
+
+def keep_base(cfg: TokenizerConfig, corpus: Path, base: Path, out: Path, tracker) -> dict:
+    """The base model's own tokenizer, kept (a new one would make its embeddings meaningless), measured on the mix."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
+    print(f"tokenizer: keeping the base model's tokenizer ({len(tok)} tokens); tokenizer.kind and the training "
+          "knobs are unused", file=sys.stderr)
+    metrics = {"vocab_size": len(tok), "trainer": "kept from the base model",
+               **measure(tok.backend_tokenizer, tok.unk_token_id, read_train(corpus, cfg.max_train_chars),
+                         read_val(corpus))}
+    write_bytes_per_token(out, metrics, tracker)
+    tok.save_pretrained(out / "tokenizer")
+    write_meta(out / "tokenizer", "tokenizer", cfg, metrics, {"corpus": corpus, "base": base})
+    return metrics
+
+
+def run(cfg: TokenizerConfig, *, corpus: Path, out: Path, tracker, base: Path | None = None) -> dict:
+    """Train a tokenizer on the corpus's train split (or keep the base model's); write it to out/tokenizer with
+    its val metrics."""
     from transformers import PreTrainedTokenizerFast
 
     corpus, out = Path(corpus), Path(out)
+    if base is not None and not (Path(base) / NOT_WRITTEN).is_file():
+        return keep_base(cfg, corpus, Path(base), out, tracker)
     train = read_train(corpus, cfg.max_train_chars)
     val = read_val(corpus)
     texts = [t for ts in train.values() for t in ts]
@@ -317,15 +345,10 @@ def run(cfg: TokenizerConfig, *, corpus: Path, out: Path, tracker) -> dict:
         "train_time_s": round(train_time, 2),
         "train_chars": sum(map(len, texts)),
         "train_chars_per_source": {s: sum(map(len, ts)) for s, ts in train.items()},
-        **measure(tok, cfg, train, val),
+        **measure(tok, tok.token_to_id(cfg.unk_token) if cfg.kind != "bpe" else None, train, val),
     }
 
-    with (out / "bytes_per_token.csv").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["source", "bytes_per_token"])
-        writer.writerows(metrics["bytes_per_token"].items())
-    tracker.log_artifact(out / "bytes_per_token.csv")
-
+    write_bytes_per_token(out, metrics, tracker)
     # model_max_length stays transformers' "unbounded" default: pretrain decides the context length
     fast = chat.configure(PreTrainedTokenizerFast(tokenizer_object=tok))
     fast.save_pretrained(out / "tokenizer")
@@ -334,7 +357,8 @@ def run(cfg: TokenizerConfig, *, corpus: Path, out: Path, tracker) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli("tokenizer", run, inputs=("corpus",), argv=argv)
+    return cli("tokenizer", run, inputs=("corpus",), argv=argv,
+               options={"base": {"type": Path, "default": None, "help": "the base stage's model folder: keep its tokenizer"}})
 
 
 if __name__ == "__main__":

@@ -118,7 +118,9 @@ CASES = [
     Case("num_kv_heads not dividing num_heads", "pretrain", "num_heads (4) must be a multiple of num_kv_heads (3)",
          {"pretrain": {"num_heads": 4, "num_kv_heads": 3}}),
     Case("seq_len beyond the model's context", "pretrain", "pretrain.seq_len (512) is longer than",
-         setup=lambda ctx: {"params": {"pretrain": {"init_from": str(ctx.model), "seq_len": 512}}}),
+         setup=lambda ctx: {"params": {"pretrain": {"seq_len": 512}}, "base": ctx.model}),
+    Case("base model not installed", "base", "base.source: no installed package 'no_such_lmforge_pkg'",
+         {"base": {"source": "package:no_such_lmforge_pkg"}}),
     Case("unknown preset", "preset", "unknown preset 'nope'"),
     Case("params.yaml not YAML", "pretrain", "params.yaml:3: not valid YAML", params_text="pretrain:\n  lr: [0.1, 2\n  seed: 1\n"),
     Case("empty params.yaml", "pretrain", "params.yaml: empty", params_text="\n"),
@@ -163,6 +165,7 @@ CASES = [
 
 INPUTS = {  # each stage's inputs by default: the shared tiny ones
     "mix": lambda ctx: {},
+    "base": lambda ctx: {},
     "tokenizer": lambda ctx: {"corpus": ctx.corpus},
     "pretrain": lambda ctx: {"corpus": ctx.corpus, "tokenizer": ctx.tokenizer},
     "sft": lambda ctx: {"base": ctx.model},

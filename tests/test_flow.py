@@ -118,8 +118,8 @@ def test_mlflow_has_parent_and_nested_stage_runs(project, first_run, tracked):
     assert len(client.get_metric_history(pre.info.run_id, "train_loss")) >= 3  # a curve, not a point
     assert re.fullmatch(r"[0-9a-f]{32}", pre.data.tags["dvc.lock_md5"])
     assert pre.data.tags["lmforge.git_commit"]
-    assert pre.data.tags["lmforge.pid"] == parents[0].data.tags["lmforge.pid"]  # the flow wrote it, from the journal
-    assert pre.data.tags["lmforge.stage_pid"] != parents[0].data.tags["lmforge.pid"]  # of the stage's own process
+    assert pre.data.tags["lmforge.pid"] == parents[0].data.tags["lmforge.pid"]  # the flow's writer wrote both
+    assert pre.data.tags["lmforge.process"] != parents[0].data.tags["lmforge.process"]  # journalled by the stage
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
 
 

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import pretrain
+from tasks import base
 from tasks import sft
-from lmforge.config import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,22 +52,18 @@ def _stage(main, tmp_path, capsys, argv) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
-def test_init_from_refuses_pickle_weights_unless_allowed(pickle_only, tiny_corpus, tiny_tokenizer_dir, tmp_path, capsys):
-    params = _params(tmp_path, "pretrain", init_from=str(pickle_only), seq_len=32, max_steps=1)
-    rc, err = _stage(pretrain.main, tmp_path, capsys, ["--params", str(params), "--corpus", str(tiny_corpus),
-                                                      "--tokenizer", str(tiny_tokenizer_dir)])
+def test_base_refuses_pickle_weights_unless_allowed(pickle_only, tmp_path, capsys):
+    rc, err = _stage(base.main, tmp_path, capsys, ["--params", str(_params(tmp_path, "base", source=str(pickle_only)))])
     assert rc == 2 and "holds only pickle weights (pytorch_model.bin)" in err and "Traceback" not in err
-    cfg = PretrainConfig(init_from=str(pickle_only), allow_pickle=True, seq_len=32)
-    model = pretrain.load_base(cfg, pretrain.base_tokenizer(cfg))  # the knob lets the same folder load
-    assert model.num_parameters() > 0
+    rc, err = _stage(base.main, tmp_path, capsys,  # the knob lets the same folder load
+                     ["--params", str(_params(tmp_path, "base", source=str(pickle_only), allow_pickle=True))])
+    assert rc == 0 and (tmp_path / "out/model/model.safetensors").is_file(), err
 
 
-def test_init_from_refuses_remote_code_unless_trusted(remote_code, tiny_corpus, tiny_tokenizer_dir, tmp_path, capsys):
-    params = _params(tmp_path, "pretrain", init_from=str(remote_code), seq_len=32, max_steps=1)
-    rc, err = _stage(pretrain.main, tmp_path, capsys, ["--params", str(params), "--corpus", str(tiny_corpus),
-                                                      "--tokenizer", str(tiny_tokenizer_dir)])
+def test_base_refuses_remote_code_unless_trusted(remote_code, tmp_path, capsys):
+    rc, err = _stage(base.main, tmp_path, capsys, ["--params", str(_params(tmp_path, "base", source=str(remote_code)))])
     assert rc == 2 and "needs remote code (auto_map: AutoConfig, AutoModelForCausalLM)" in err, err
-    assert "pretrain.trust_remote_code: true" in err
+    assert "base.trust_remote_code: true" in err
     assert not (remote_code / "RAN").exists()
 
 

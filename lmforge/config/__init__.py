@@ -17,19 +17,20 @@ from lmforge.config.base import (POLICIES, SECTION_NAMES, SHARED, STAGES, TRAINI
                                  TrainingSection)
 from lmforge.config.data import MixConfig, SourceConfig, TokenizerConfig
 from lmforge.config.evaluation import EvaluateConfig, QuantizeConfig
-from lmforge.config.training import (DpoConfig, GrpoConfig, LaunchConfig, LoraConfig, PpoConfig, PretrainConfig,
+from lmforge.config.training import (BaseConfig, DpoConfig, GrpoConfig, LaunchConfig, LoraConfig, PpoConfig, PretrainConfig,
                                      RewardConfig, SftConfig)
 from lmforge.errors import ConfigError
 
 __all__ = [
     "STAGES", "SHARED", "SECTION_NAMES", "TRAINING_STAGES", "POLICIES", "SECTIONS", "Section", "TrainingSection",
-    "SourceConfig", "MixConfig", "TokenizerConfig", "PretrainConfig", "SftConfig", "LoraConfig", "RewardConfig",
+    "SourceConfig", "MixConfig", "BaseConfig", "TokenizerConfig", "PretrainConfig", "SftConfig", "LoraConfig", "RewardConfig",
     "PpoConfig", "DpoConfig", "GrpoConfig", "QuantizeConfig", "EvaluateConfig", "LaunchConfig",
     "parse_section", "read_yaml", "load_params", "load_stage",
 ]
 
 SECTIONS: dict[str, type[Section]] = {
     "mix": MixConfig,
+    "base": BaseConfig,
     "tokenizer": TokenizerConfig,
     "pretrain": PretrainConfig,
     "sft": SftConfig,

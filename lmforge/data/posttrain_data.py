@@ -26,10 +26,10 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 from typing import Callable
 
-from lmforge.chat import END, EOS
 from lmforge.errors import InputError
 
 SPLITS = ("train", "test")
@@ -148,11 +148,12 @@ def preference_pairs(split: str, n: int, seed: int) -> list[dict]:
     return rows
 
 
+TURN_END = re.compile(r"<\|(?:end|endoftext|im_end|eot_id)\|>")  # lmforge's, ChatML's, Llama 3's
+
+
 def extract(completion: str) -> str:
     """The answer part of a completion: text up to the first end-of-turn or eos, stripped."""
-    for stop in (END, EOS):
-        completion = completion.split(stop, 1)[0]
-    return completion.strip()
+    return TURN_END.split(completion, 1)[0].strip()
 
 
 def score(completion: str, answer: str) -> float:

