@@ -84,7 +84,8 @@ def load(source: Source, allow_network: bool = False, allow_pickle: bool = False
     if not tokenizer.is_fast:
         raise InputError(f"{KNOB}: {source.describe()!r} has no fast tokenizer (tokenizer.json)")
     if source.gguf_file:  # transformers marks a GGUF-loaded model as quantised and refuses to save it: rebuild it
-        config.quantization_config = None
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # not even as null: loaders test for the key
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         plain.load_state_dict(model.state_dict())
         plain.generation_config = model.generation_config

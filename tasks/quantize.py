@@ -197,7 +197,7 @@ def run(cfg: QuantizeConfig, *, model: Path, corpus: Path, out: Path, tracker) -
     from transformers import AutoTokenizer
 
     source = check_model_dir(model, "model to quantise")
-    if "quantization_config" in json.loads((source / "config.json").read_text()):
+    if json.loads((source / "config.json").read_text()).get("quantization_config"):
         raise InputError(f"{source}/config.json: the model is already quantised; pass a full-precision model")
     device = pick_device(cfg.device, "quantize", cfg.num_threads)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
