@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from lmforge import scorecard
 from lmforge.config import STAGES
 from lmforge.stats import describe
 
@@ -184,18 +185,50 @@ def section_evaluate(r: Report) -> str | None:
                  "within noise):\n\n")
         text += _table(["metric", *gains], [[m, *(describe(gains[v][m]) if m in gains[v] else None for v in gains)]
                                             for m in gain_metrics])
+    flags = scorecard.flag_lines(table)
+    text += "".join(f"\n{line}\n" for line in flags)
+    spans, chance = table.get("intervals") or {}, table.get("chance") or {}
     scores = [m for m in metrics if table["higher_is_better"].get(m) and not m.startswith("ppl")]
     if scores:
         def draw(ax):
             width = 0.8 / len(variants)
             for i, v in enumerate(variants):
-                ax.bar([j + i * width for j in range(len(scores))], [table["rows"][v].get(m) or 0 for m in scores],
-                       width, label=v)
+                xs = [j + i * width for j in range(len(scores))]
+                ys = [table["rows"][v].get(m) or 0 for m in scores]
+                lo = [y - (spans.get(v, {}).get(m) or {}).get("lo", y) for y, m in zip(ys, scores)]
+                hi = [(spans.get(v, {}).get(m) or {}).get("hi", y) - y for y, m in zip(ys, scores)]
+                below = table.get("below_chance", {}).get(v, {})
+                ax.bar(xs, ys, width, label=v, yerr=[lo, hi], capsize=2, error_kw={"elinewidth": 0.8},
+                       edgecolor=["red" if m in below else "none" for m in scores], linewidth=1.5)
+            for j, m in enumerate(scores):  # a uniform guess, where the task has one
+                if m in chance:
+                    ax.hlines(chance[m], j - width / 2, j + 0.8 - width / 2, colors="grey", linestyles="--", lw=1)
             ax.set_xticks([j + 0.4 - width / 2 for j in range(len(scores))], scores, fontsize=8)
-            ax.set_ylabel("score")
+            ax.set_ylabel("score (95% interval; dashed: chance)")
             ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # headroom, so the legend covers no bar
             ax.legend(fontsize=7, ncol=len(variants), loc="upper center")
         text += r.plot("evaluate_scores", draw, "Benchmarks by variant (higher is better)")
+    bits = [m for m in metrics if m.endswith(scorecard.BITS)]
+    base = table["rows"].get("base", {})
+    if bits and all(base.get(m) for m in bits):
+        others = [v for v in variants if v != "base"]
+        limit, forgot = table.get("forgetting_limit"), table.get("forgetting") or {}
+
+        def draw_forgetting(ax):
+            width = 0.8 / max(len(others), 1)
+            for i, v in enumerate(others):
+                ratios = [(table["rows"][v].get(m) or 0) / base[m] for m in bits]
+                ax.bar([j + i * width for j in range(len(bits))], ratios, width, label=v,
+                       edgecolor=["red" if m in forgot.get(v, {}) else "none" for m in bits], linewidth=1.5)
+            ax.axhline(1.0, color="grey", lw=1)
+            if limit:
+                ax.axhline(limit, color="red", ls="--", lw=1, label=f"forgetting limit ({limit}x)")
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(bits))],
+                          [m.removeprefix("ppl_").removesuffix(scorecard.BITS) for m in bits], fontsize=8)
+            ax.set_ylabel("held-out bits/byte, multiple of base's")
+            ax.legend(fontsize=7, ncol=3, loc="upper center")
+            ax.set_ylim(0, max(ax.get_ylim()[1], (limit or 1) * 1.2) * 1.25)
+        text += r.plot("evaluate_forgetting", draw_forgetting, "What fine-tuning cost the base (lower is better)")
     return text
 
 

@@ -40,3 +40,20 @@ def describe(g: dict) -> str:
         return "–"
     text = f"{g['gain']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]"
     return text if g["beyond_noise"] else text + " (within noise)"
+
+
+def mean_interval(scores: list[float], iters: int = ITERS, seed: int = 0) -> dict:
+    """{"mean", "lo", "hi", "n"}: the mean of per-item scores with its 95% bootstrap (percentile) interval."""
+    import numpy as np
+
+    x = np.asarray(scores, dtype=float)
+    if len(x) == 0:
+        return {"mean": None, "lo": None, "hi": None, "n": 0}
+    mean = round(float(x.mean()), 4)
+    if len(x) == 1 or np.all(x == x[0]):  # no spread to resample (scipy refuses one observation)
+        return {"mean": mean, "lo": mean, "hi": mean, "n": len(x)}
+    from scipy.stats import bootstrap
+
+    ci = bootstrap((x,), np.mean, vectorized=True, n_resamples=iters, confidence_level=0.95, method="percentile",
+                   rng=np.random.default_rng(seed)).confidence_interval
+    return {"mean": mean, "lo": round(float(ci.low), 4), "hi": round(float(ci.high), 4), "n": len(x)}

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import get_args
 
 from lmforge import lm_eval_tasks as benchmarks
+from lmforge import scorecard
 from lmforge.config import EvaluateConfig
 from lmforge.data.corpus import source_names
 from lmforge.models import check_model_dir, load_causal_lm
@@ -227,6 +228,8 @@ def write_table(out: Path, rows: dict[str, dict[str, float]], better: dict[str, 
                   "| metric | " + " | ".join(gains) + " |", "|---|" + "---:|" * len(gains)]
         lines += [f"| {m} | " + " | ".join(describe(gains[v][m]) if m in gains[v] else "–" for v in gains) + " |"
                   for m in metrics]
+    for flag in scorecard.flag_lines(table):
+        lines.append(f"\n{flag}")
     for note in extra.get("notes", []):
         lines.append(f"\n{note}")
     (out / "table.md").write_text("\n".join(lines) + "\n")
@@ -346,8 +349,14 @@ def run(cfg: EvaluateConfig, *, corpus: Path, out: Path, tracker, **variant_dirs
     gains = gains_over_base(items, cfg.seed) if "base" in items else {}
     if not cfg.log_samples:
         notes.append("No gains with intervals: they need per-item scores (evaluate.log_samples: true).")
-    write_table(out, rows, better, {"examples": sizes, "skipped_extra_tasks": skipped, "gate": gate,
-                                    "device": device.type, "gains_over_base": gains, "notes": notes})
+    spans = scorecard.intervals(items, cfg.seed)
+    write_table(out, rows, better, {
+        "examples": sizes, "skipped_extra_tasks": skipped, "gate": gate, "device": device.type,
+        "gains_over_base": gains, "intervals": spans, "forgetting_limit": cfg.forgetting_limit,
+        "forgetting": scorecard.forgetting(rows, cfg.forgetting_limit),
+        "below_chance": scorecard.below_chance(rows, spans, cfg),
+        "chance": {m: c for m in dict.fromkeys(k for r in rows.values() for k in r) if (c := scorecard.chance(m, cfg))},
+        "notes": notes})
     tracker.log_artifact(out / "table.md")
     tracker.log_artifact(out / "table.json")
     if gate and not gate["passed"]:

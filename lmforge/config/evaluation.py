@@ -52,6 +52,9 @@ class EvaluateConfig(Section):
     cloze_choices: int = F(4, "cloze: options per sentence (the word and frequency-drawn distractors); chance = 1/this", ge=2)
     ppl_docs: int = F(10, "heldout_ppl: val documents per source for rolling perplexity", gt=0)
     ppl_max_chars: int = F(2000, "heldout_ppl: documents are cut to this many characters", gt=0)
+    forgetting_limit: float = F(
+        1.5, "a variant whose held-out bits/byte on any source exceeds this multiple of base's is flagged as "
+        "forgetting (table, report card)", gt=1)
     batch_size: int = F(32, "lm-eval batch size", gt=0)
     log_samples: bool = F(True, "keep every example's prompt, output and score in lm_eval/<variant>.json")
     extra_tasks: list[str] = F([], "more lm-eval tasks by name or YAML path (e.g. hellaswag); skipped with a warning if their data is unavailable")

@@ -1,0 +1,52 @@
+"""What the evaluate table flags: forgetting against the base's held-out bits/byte, below-chance scores judged by
+their interval, and each score's interval; and the report card that draws them."""
+
+import json
+
+from flows import report
+from lmforge import scorecard
+from lmforge.config import EvaluateConfig
+
+ROWS = {
+    "base": {"ppl_pydoc.bits_per_byte": 2.0, "ppl_arithmetic.bits_per_byte": 1.0, "arith_mc.acc": 0.30},
+    "sft": {"ppl_pydoc.bits_per_byte": 2.2, "ppl_arithmetic.bits_per_byte": 7.0, "arith_mc.acc": 0.10},
+    "lora": {"ppl_pydoc.bits_per_byte": 1.9, "ppl_arithmetic.bits_per_byte": 1.49, "arith_mc.acc": 0.20},
+}
+
+
+def test_forgetting_is_the_ratio_to_base_per_source_over_the_limit():
+    assert scorecard.forgetting(ROWS, 1.5) == {"sft": {"ppl_arithmetic.bits_per_byte": 7.0}}
+    assert scorecard.forgetting(ROWS, 1.05) == {"sft": {"ppl_pydoc.bits_per_byte": 1.1,
+                                                        "ppl_arithmetic.bits_per_byte": 7.0},
+                                                "lora": {"ppl_arithmetic.bits_per_byte": 1.49}}
+
+
+def test_below_chance_needs_the_whole_interval_below_it():
+    cfg = EvaluateConfig(mc_choices=4)
+    items = {"sft": {"arith_mc.acc": dict(enumerate([0.0] * 90 + [1.0] * 10))},  # 0.10, interval well below 0.25
+             "lora": {"arith_mc.acc": dict(enumerate([0.0] * 4 + [1.0]))}}  # 0.20 on five items: noise
+    spans = scorecard.intervals(items, seed=0)
+    assert spans["sft"]["arith_mc.acc"]["hi"] < 0.25 < spans["lora"]["arith_mc.acc"]["hi"]
+    flagged = scorecard.below_chance(ROWS, spans, cfg)
+    assert set(flagged) == {"sft"} and flagged["sft"]["arith_mc.acc"]["chance"] == 0.25
+    assert scorecard.chance("cloze.acc_norm", EvaluateConfig(cloze_choices=5)) == 0.2
+    assert scorecard.chance("arith_gen.exact_match", cfg) is None
+
+
+def test_the_report_card_names_and_draws_the_flags(tmp_path):
+    cfg = EvaluateConfig(mc_choices=4)
+    spans = {"base": {"arith_mc.acc": {"mean": 0.3, "lo": 0.2, "hi": 0.4, "n": 100}},
+             "sft": {"arith_mc.acc": {"mean": 0.1, "lo": 0.05, "hi": 0.16, "n": 100}},
+             "lora": {"arith_mc.acc": {"mean": 0.2, "lo": 0.12, "hi": 0.29, "n": 100}}}
+    table = {"variants": list(ROWS), "metrics": list(ROWS["base"]), "rows": ROWS,
+             "higher_is_better": {"ppl_pydoc.bits_per_byte": False, "ppl_arithmetic.bits_per_byte": False,
+                                  "arith_mc.acc": True},
+             "intervals": spans, "forgetting_limit": 1.5, "forgetting": scorecard.forgetting(ROWS, 1.5),
+             "below_chance": scorecard.below_chance(ROWS, spans, cfg), "chance": {"arith_mc.acc": 0.25}}
+    (tmp_path / "out/evaluate").mkdir(parents=True)
+    (tmp_path / "out/evaluate/table.json").write_text(json.dumps(table))
+    card = report.write(tmp_path).read_text()
+    assert "**sft: forgetting** (held-out bits/byte over 1.5x the base's: arithmetic 7.00x)" in card
+    assert "**sft: below chance** on arith_mc.acc 0.100" in card and "lora: below chance" not in card
+    assert (tmp_path / "out/report/evaluate_forgetting.png").stat().st_size > 1000
+    assert (tmp_path / "out/report/evaluate_scores.png").stat().st_size > 1000
