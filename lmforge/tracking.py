@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import psutil
 
 from lmforge import journal
+from lmforge.config import STAGES
 from lmforge.owners import HOST_TAG, PID_TAG, owner_gone, owner_tags
 from lmforge.redact import flatten, redact
 
@@ -32,6 +33,7 @@ ROOT_ENV = "LMFORGE_ROOT"  # project folder holding the default store; the flow 
 DEFAULT_EXPERIMENT = "lmforge"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests a run under the one it names
 ABANDONED_TAG = "lmforge.abandoned"
+KIND_TAG, TRAINING = "mlflow.experimentKind", "custom_model_development"  # MLflow's own: which UI the experiment gets
 
 
 class Unreachable(ValueError):
@@ -149,12 +151,16 @@ def _client():
 
 
 def _experiment_id(client, name: str) -> str:
+    """The experiment's id, created as a model-training experiment (the UI opens it on its runs, not on traces)."""
     from mlflow.exceptions import MlflowException
     if (exp := client.get_experiment_by_name(name)) is not None:
+        if exp.tags.get(KIND_TAG) != TRAINING:
+            client.set_experiment_tag(exp.experiment_id, KIND_TAG, TRAINING)
         return exp.experiment_id
     local = not os.environ.get("MLFLOW_TRACKING_URI")  # the default store: artifacts beside the database
     try:
-        return client.create_experiment(name, (project_root() / "mlartifacts" / name).as_uri() if local else None)
+        return client.create_experiment(name, (project_root() / "mlartifacts" / name).as_uri() if local else None,
+                                        tags={KIND_TAG: TRAINING})
     except MlflowException as err:  # another process (a teammate's flow) created it between our lookup and now
         if err.error_code != "RESOURCE_ALREADY_EXISTS" or (exp := client.get_experiment_by_name(name)) is None:
             raise
@@ -204,7 +210,8 @@ def _closing(tracker, params) -> Iterator:
 
 def stage_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None):
     """The run of one stage: journalled for the flow's run when there is one, else a top-level MLflow run."""
-    tags = {"lmforge.stage": stage, **(tags or {})}
+    order = {"lmforge.stage_index": f"{STAGES.index(stage) + 1:02d}"} if stage in STAGES else {}  # sort by pipeline
+    tags = {"lmforge.stage": stage, **order, **(tags or {})}
     if _switched_off():
         return _closing(NullTracker(), params)
     if folder := os.environ.get(JOURNAL_ENV):

@@ -58,6 +58,7 @@ def test_flow_run_nests_stage_runs_with_params_metrics_artifacts(store):
     child = children[0]
     assert child["status"] == "FINISHED" and child["metrics"]["loss"] == 1.0 and child["metrics"]["nested.x"] == 3
     assert child["tags"]["dvc.lock_md5"] == "abc" and child["tags"]["lmforge.stage"] == "pretrain"
+    assert child["tags"]["lmforge.stage_index"] == "04"  # mix, base, tokenizer, pretrain: a column to sort by
     assert child["tags"]["lmforge.pid"] not in (str(os.getpid()), child["tags"]["lmforge.process"])  # the writer's
     assert child["tags"]["lmforge.process"] != str(os.getpid())  # journalled by the stage process
     client = tracking._client()
@@ -67,6 +68,8 @@ def test_flow_run_nests_stage_runs_with_params_metrics_artifacts(store):
     assert client.get_run(run_id).data.params["sources.0.name"] == "a"
     assert client.get_run(parent.run_id).data.params == {"preset": "tiny"}
     assert (store / "mlflow.db").exists()
+    # a training experiment: MLflow's UI opens it on its runs, not on an empty traces overview
+    assert client.get_experiment_by_name("exp").tags["mlflow.experimentKind"] == "custom_model_development"
     assert list((store / "mlartifacts").rglob("samples.txt"))
 
 
@@ -251,15 +254,18 @@ def test_an_experiment_created_by_another_process_meanwhile_is_used_not_an_error
 
         def get_experiment_by_name(self, name):
             self.lookups += 1
-            return None if self.lookups == 1 else SimpleNamespace(experiment_id="7")
+            return None if self.lookups == 1 else SimpleNamespace(experiment_id="7", tags={})
 
-        def create_experiment(self, name, artifact_location=None):
+        def create_experiment(self, name, artifact_location=None, tags=None):
             raise MlflowException(f"Experiment(name={name}) already exists", error_code=RESOURCE_ALREADY_EXISTS)
+
+        def set_experiment_tag(self, experiment_id, key, value):
+            pass
 
     assert tracking._experiment_id(Racing(), "team-concurrent") == "7"
 
     class Broken(Racing):
-        def create_experiment(self, name, artifact_location=None):
+        def create_experiment(self, name, artifact_location=None, tags=None):
             raise MlflowException("database is down")
 
     with pytest.raises(MlflowException, match="database is down"):
