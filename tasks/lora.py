@@ -19,7 +19,7 @@ from lmforge import chat
 from lmforge import lowbit
 from lmforge.config import LoraConfig
 from lmforge.training import resume
-from lmforge.training.finetune import answer_accuracy, finetune, prepare
+from lmforge.training.finetune import CORPUS, answer_accuracy, finetune, prepare
 from lmforge.training.skeleton import save_model
 from lmforge.models import ready_lowbit
 from lmforge.data.posttrain_data import conversations
@@ -56,14 +56,15 @@ def load_base(base: Path, cfg: LoraConfig, device: str):
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
-def run(cfg: LoraConfig, *, base: Path, out: Path, tracker, checkpoints: Path | None = None) -> dict:
+def run(cfg: LoraConfig, *, base: Path, out: Path, tracker, checkpoints: Path | None = None,
+        corpus: Path | None = None) -> dict:
     """LoRA (or QLoRA) fine-tuning of a pretrained model on chat conversations; saves the adapter and a merged model."""
     import torch
     from peft import LoraConfig as PeftLoraConfig
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    tokenizer, train_convs, device = prepare(cfg, base, "lora")
+    tokenizer, train_convs, device = prepare(cfg, base, "lora", corpus)
     model = load_base(base, cfg, device)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = sorted(set(cfg.target_modules) - present)
@@ -98,7 +99,7 @@ def run(cfg: LoraConfig, *, base: Path, out: Path, tracker, checkpoints: Path | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli("lora", run, inputs=("base",), argv=argv, options=resume.OPTION)
+    return cli("lora", run, inputs=("base",), argv=argv, options={**resume.OPTION, **CORPUS})
 
 
 if __name__ == "__main__":

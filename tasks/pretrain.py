@@ -282,6 +282,8 @@ def final_metrics(r: Run, train: np.ndarray, n_params: int, fpt: float) -> dict:
         "final_val_loss": last["val_loss"],
         "final_val_ppl": round(math.exp(last["val_loss"]), 3),
         "final_train_loss": history["train"][-1]["train_loss"] if history["train"] else None,
+        "initial_val_loss_by_source": {k.removeprefix("val_loss_"): v for k, v in first.items()
+                                       if k.startswith("val_loss_")},
         "val_loss_by_source": {k.removeprefix("val_loss_"): v for k, v in last.items() if k.startswith("val_loss_")},
         "tokens_per_s": round(mean_tps, 1),
         "flops_per_s": round(mean_tps * fpt, 1),

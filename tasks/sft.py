@@ -16,18 +16,19 @@ from pathlib import Path
 
 from lmforge.config import SftConfig
 from lmforge.training import resume
-from lmforge.training.finetune import finetune, prepare
+from lmforge.training.finetune import CORPUS, finetune, prepare
 from lmforge.training.skeleton import save_model
 from lmforge.stage import cli
 
 
 # ------------------------------------------------------------------------------------------ stage
-def run(cfg: SftConfig, *, base: Path, out: Path, tracker, checkpoints: Path | None = None) -> dict:
+def run(cfg: SftConfig, *, base: Path, out: Path, tracker, checkpoints: Path | None = None,
+        corpus: Path | None = None) -> dict:
     """Full supervised fine-tuning of a pretrained model on chat conversations."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    tokenizer, train_convs, device = prepare(cfg, base, "sft")
+    tokenizer, train_convs, device = prepare(cfg, base, "sft", corpus)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True,
                                                  trust_remote_code=False)
     trainer, metrics = finetune(cfg, model, tokenizer, train_convs, out, tracker, device, checkpoints=checkpoints,
@@ -38,7 +39,7 @@ def run(cfg: SftConfig, *, base: Path, out: Path, tracker, checkpoints: Path | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli("sft", run, inputs=("base",), argv=argv, options=resume.OPTION)
+    return cli("sft", run, inputs=("base",), argv=argv, options={**resume.OPTION, **CORPUS})
 
 
 if __name__ == "__main__":

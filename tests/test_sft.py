@@ -106,3 +106,19 @@ def test_cli_reports_bad_data_with_exit_code_2(tiny_model_dir, tmp_path, capsys)
     assert code == 2
     assert f"{bad}:2: invalid JSON" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_replay_adds_pretraining_text_as_replies_to_no_question(tiny_corpus, tiny_model_dir):
+    from lmforge.data.corpus import iter_texts
+
+    cfg = SftConfig(**{**TINY, "replay_share": 0.5, "max_length": 32})
+    pieces = finetune.replay(cfg, tiny_corpus, 10)  # half of all examples: as many as the 10 task conversations
+    assert len(pieces) == 10 and all(p == [{"role": "assistant", "content": p[0]["content"]}] for p in pieces)
+    train = "\n".join(iter_texts(tiny_corpus, "train"))
+    assert all(p[0]["content"] in train and 0 < len(p[0]["content"]) <= 96 for p in pieces)
+    assert finetune.replay(SftConfig(**TINY), None, 10) == []  # off by default: no corpus needed
+    with pytest.raises(InputError, match="replay_share > 0 needs the corpus"):
+        finetune.replay(cfg, None, 10)
+    tok = models.load_tokenizer(tiny_model_dir)  # the loss falls on the text: it is the assistant's reply
+    masked = tok.apply_chat_template(pieces[0], tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert sum(masked["assistant_masks"]) >= len(masked["input_ids"]) - 1

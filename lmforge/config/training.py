@@ -73,6 +73,9 @@ class SftConfig(TrainingSection):
     test_examples: int = F(200, "held-out built-in conversations for loss and answer accuracy", gt=0)
     data_files: list[str] = F([], "extra JSONL training files in TRL messages or prompt_completion format")
     data_format: Literal["auto", "messages", "prompt_completion"] = F("auto", "format of data_files; auto detects it per file")
+    replay_share: float = F(
+        0.0, "share of the training examples that are pretraining text (the mix's train split, learnt as a reply to "
+        "no question), so that fine-tuning keeps what pretraining taught", ge=0, lt=1)
     max_steps: int = F(500, "optimizer steps (500 x 64: at 250 the copy task was learnt on one CPU and not on another; docs/findings/teaching-default.md)", gt=0)
     batch_size: int = F(64, "conversations per micro-batch (64 at 3e-3 learns the tasks; a step costs ~1.9x one of 32)", gt=0)
     grad_accum: int = F(1, "micro-batches per optimizer step", gt=0)

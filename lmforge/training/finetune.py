@@ -24,16 +24,18 @@ from lmforge.errors import InputError
 from lmforge.stats import paired_gain
 
 SAMPLES = 20  # test answers kept in samples.jsonl
+CORPUS = {"corpus": {"type": Path, "default": None, "help": "the mix's corpus, replayed when replay_share > 0"}}
 
 
 # ------------------------------------------------------------------------------------------- data
-def prepare(cfg: SftConfig, base: Path, stage: str) -> tuple[Any, list[list[dict]], str]:
-    """The base's tokenizer (checking the model folder's files too) and the training conversations, before
-    anything heavy; then the device, and the seed set for what follows."""
+def prepare(cfg: SftConfig, base: Path, stage: str, corpus: Path | None = None) -> tuple[Any, list[list[dict]], str]:
+    """The base's tokenizer (checking the model folder's files too) and the training conversations (with replayed
+    pretraining text from `corpus`), before anything heavy; then the device, and the seed set for what follows."""
     from transformers import set_seed
 
     tokenizer = load_tokenizer(base)
     train_convs = training_conversations(cfg, tokenizer, context_length(base))
+    train_convs += replay(cfg, corpus, len(train_convs))
     device = pick_device(cfg.device, stage, cfg.num_threads).type
     set_seed(cfg.seed)
     return tokenizer, train_convs, device
@@ -65,6 +67,30 @@ def training_conversations(cfg: SftConfig, tokenizer=None, context: int | None =
     if not convs:
         raise InputError("no training data: train_examples is 0 and data_files is empty")
     return convs
+
+
+def replay(cfg: SftConfig, corpus: Path | None, n_tasks: int) -> list[list[dict]]:
+    """Pretraining text, replay_share of all training examples: pieces of the mix's train split, each the reply of
+    an assistant turn with no question, so the loss falls on the text itself. Fine-tuning on chats alone made the
+    default model forget plain text (held-out bits/byte several times the base's)."""
+    if not cfg.replay_share:
+        return []
+    if corpus is None:
+        raise InputError("replay_share > 0 needs the corpus (--corpus out/mix/corpus)")
+    import random
+
+    from lmforge.data.corpus import iter_texts
+
+    texts = [t for t in iter_texts(corpus, "train") if t.strip()]
+    if not texts:
+        raise InputError(f"{corpus}: no training text to replay")
+    rng, want = random.Random(cfg.seed), round(n_tasks * cfg.replay_share / (1 - cfg.replay_share))
+    width = cfg.max_length * 3  # characters: about max_length tokens of English or code
+    pieces = []
+    for text in rng.sample(texts, min(want, len(texts))) + rng.choices(texts, k=max(0, want - len(texts))):
+        start = rng.randrange(max(1, len(text) - width))
+        pieces.append([{"role": "assistant", "content": text[start:start + width]}])
+    return pieces
 
 
 def conversation_dataset(convs: list[list[dict]]):
