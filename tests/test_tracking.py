@@ -286,3 +286,30 @@ def test_a_stage_run_on_its_own_ends_runs_a_killed_dvc_repro_left_running(store,
     assert "the next run marked it FAILED" in client.get_run(killed).data.tags[tracking.ABANDONED_TAG]
     [new] = [r for r in client.search_runs([exp]) if r.info.run_id not in (killed, live)]
     assert new.info.status == "FINISHED" and new.data.tags["lmforge.ended_abandoned"] == killed
+
+
+FLOW = """
+import os, signal, sys, time
+from pathlib import Path
+from lmforge import tracking
+with tracking.flow_run("lifecycle", "exp", {"preset": "tiny"}) as parent:
+    with tracking.stage_run("pretrain", {"lr": 0.1}) as t:
+        t.log_metrics({"loss": 2.0}, step=1)
+        Path(sys.argv[1]).write_text(parent.run_id)  # the writer has opened the flow's run
+        time.sleep(1.5)  # the writer replays the stage's lines meanwhile
+        os.kill(os.getpid(), signal.SIGKILL)  # the flow's process alone: its writer lives on
+"""
+
+
+def test_a_flow_killed_alone_has_its_runs_ended_failed_by_its_writer(store):
+    """kill -9 of the flow's process (not its process group): the writer sees its flow gone, marks the flow's run and
+    the open stage run FAILED with what they logged, and exits; nothing is left RUNNING for the next run to find."""
+    marker = store / "run_id"
+    assert subprocess.run([sys.executable, "-c", FLOW, str(marker)], cwd=ROOT, timeout=120).returncode == -9
+    client, flow_id = tracking._client(), marker.read_text()
+    deadline = time.monotonic() + 30
+    while client.get_run(flow_id).info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    [stage] = tracking.stage_runs(flow_id)
+    assert client.get_run(flow_id).info.status == "FAILED" and stage["status"] == "FAILED"
+    assert stage["metrics"]["loss"] == 2.0 and "the flow process" in stage["tags"][tracking.ABANDONED_TAG]
