@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,8 @@ class FlowJournal(JournalTracker):
         finally:
             if self.writer.process.poll() is not None or (self.writer.folder / "done").exists():
                 shutil.rmtree(self.writer.folder, ignore_errors=True)
+                # reaped in the background: it is past its work, only exiting (no zombie in a long-lived server)
+                threading.Thread(target=self.writer.process.wait, daemon=True).start()
             else:
                 self.writer.cancel()
 
