@@ -25,6 +25,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from lmforge.config import STAGES
 from conftest import commit_project
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,8 +179,7 @@ def test_worker_runs_the_deployment_into_the_shared_stores(stack, scheduled_run,
     parent = next(r for r in runs if r.info.run_name == "lifecycle")
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert parent.info.status == "FINISHED" and {r.info.status for r in children.values()} == {"FINISHED"}
-    assert set(children) == {"mix", "tokenizer", "pretrain", "sft", "lora", "reward", "ppo", "dpo", "grpo", "quantize",
-                             "evaluate"}
+    assert set(children) == set(STAGES)
     assert parent.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server to S3
     keys = _s3_keys(stack, "lmforge-mlflow")
     assert any(k.endswith("registry/lmforge/MLmodel") for k in keys) and any("report.md" in k for k in keys)
