@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -135,7 +135,6 @@ class _Journal:
     pid: int = 0
     run: Any = None  # the tracker its lines go to
     status: str | None = None  # as its process closed it; "settled" once the flow is done with it
-    tags: dict = field(default_factory=dict)
 
 
 def replay(folder: Path, owner: int, open_run: Callable[..., Any], abandon: Callable[[Any, Any, str], None],
