@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -69,6 +68,7 @@ class Writer:
     the store's opening overlap the flow's start-up; `cancel()` ends it when nothing runs."""
 
     def __init__(self, command: list[str]):
+        """`command` gets the journal folder and this process's pid as its last two arguments."""
         self.folder = Path(tempfile.mkdtemp(prefix="lmforge-journal-"))
         self.process = subprocess.Popen([*command, str(self.folder), str(os.getpid())], stdin=subprocess.DEVNULL)
 
@@ -137,7 +137,7 @@ class _Journal:
     status: str | None = None  # as its process closed it; "settled" once the flow is done with it
 
 
-def replay(folder: Path, owner: int, open_run: Callable[..., Any], abandon: Callable[[Any, Any, str], None],
+def replay(folder: Path, owner: int, open_run: Callable[..., Any], abandon: Callable[[Any, str], None],
            alive: Callable[[int], bool]) -> int:
     """The writer process: replays the flow's and its stages' journals into trackers made by
     `open_run(name, tags, start_ms, parent)` until the flow closes its run (0), or marks every open run
@@ -174,7 +174,7 @@ def replay(folder: Path, owner: int, open_run: Callable[..., Any], abandon: Call
                 for journal in journals.values():
                     if journal.run and journal.status != "settled" and entry.get("stage") in (None, journal.name):
                         if journal.status is None:
-                            abandon(flow.run, journal.run, f"stage process {journal.pid}")
+                            abandon(journal.run, f"stage process {journal.pid}")
                         elif journal.status == "FINISHED" and entry.get("tags"):
                             journal.run.set_tags(entry["tags"])
                         journal.status = "settled"
@@ -187,7 +187,7 @@ def replay(folder: Path, owner: int, open_run: Callable[..., Any], abandon: Call
         if not alive(owner):
             for journal in [flow, *journals.values()]:
                 if journal.run and journal.status is None:
-                    abandon(flow.run, journal.run, f"the flow process {owner}")
+                    abandon(journal.run, f"the flow process {owner}")
             return 1
         time.sleep(POLL_S)
 
@@ -208,8 +208,3 @@ def _apply(journal: _Journal, entry: dict, open_run: Callable[..., Any], parent:
     elif op == "close":
         run.close(entry["status"], entry["ms"])
         journal.status = entry["status"]
-
-
-def writer_command(module_call: str) -> list[str]:
-    """`python -c "<module_call>" <folder> <flow pid>`: the writer process, in this interpreter."""
-    return [sys.executable, "-c", module_call]

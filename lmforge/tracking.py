@@ -221,8 +221,7 @@ def stage_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | N
 
 
 @_reported
-def _abandon(client_or_parent, run_id: str, who: str, by: str = "the flow's writer") -> None:
-    client = getattr(client_or_parent, "client", client_or_parent)
+def _abandon(client, run_id: str, who: str, by: str = "the flow's writer") -> None:
     client.set_tag(run_id, ABANDONED_TAG, f"{who} ended without closing this run (killed?); {by} marked it FAILED")
     client.set_terminated(run_id, "FAILED")
 
@@ -236,7 +235,7 @@ def write_journals(folder: str, owner: str) -> int:
     try:
         _experiment_id(_client(), os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))  # MLflow ready before needed
         return journal.replay(Path(folder), int(owner), _open_run,
-                              lambda _, run, who: _abandon(run, run.run_id, who), psutil.pid_exists)
+                              lambda run, who: _abandon(run.client, run.run_id, who), psutil.pid_exists)
     except BaseException as err:  # noqa: BLE001 - the flow reads it and raises it
         text = str(err) if isinstance(err, RuntimeError) else f"MLflow tracking failed: {type(err).__name__}: {err}"
         (Path(folder) / "error").write_text(redact(text))
@@ -253,7 +252,7 @@ def prestart(experiment: str) -> None:
     if not _switched_off() and experiment not in _prestarted:
         check_reachable(tracking_uri())
         os.environ[EXPERIMENT_ENV] = experiment
-        _prestarted[experiment] = journal.Writer(journal.writer_command(WRITER))
+        _prestarted[experiment] = journal.Writer([sys.executable, "-c", WRITER])
 
 
 def discard_prestarted() -> None:
