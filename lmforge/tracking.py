@@ -8,6 +8,7 @@ FAILED by the next run opened in the experiment, and a stage killed under a live
 """
 
 import functools
+import json
 import math
 import os
 import socket
@@ -106,6 +107,14 @@ class MlflowTracker:
         self.client.log_batch(self.run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
 
     @_reported
+    def log_inputs(self, datasets: list[dict]) -> None:
+        """Dataset inputs (the Dataset column): dicts of name, digest, source (a path) and context."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        self.client.log_inputs(self.run_id, [
+            DatasetInput(Dataset(d["name"], d["digest"], "local", json.dumps({"uri": d["source"]})),
+                         [InputTag("mlflow.data.context", d["context"])]) for d in datasets])
+
+    @_reported
     def close(self, status: str, end_ms: int | None = None) -> None:
         self.client.set_terminated(self.run_id, status, end_ms)
 
@@ -180,7 +189,9 @@ def _connect(name: str, tags: Mapping[str, str], experiment: str, parent: Mlflow
     """A new RUNNING run (nested under `parent`); a top-level one first ends the runs killed processes left RUNNING."""
     client = parent.client if parent else _client()
     exp_id = parent.experiment_id if parent else _experiment_id(client, experiment)
-    all_tags = {"lmforge.git_commit": git_commit(project_root()), **tags, **owner_tags(),
+    commit = git_commit(project_root())
+    all_tags = {"lmforge.git_commit": commit, "mlflow.source.git.commit": commit, "mlflow.source.type": "LOCAL",
+                **tags, **owner_tags(),
                 **({PARENT_TAG: parent.run_id} if parent else {})}
     try:
         if not parent and (ended := end_abandoned(client, exp_id)):
@@ -211,7 +222,7 @@ def _closing(tracker, params) -> Iterator:
 def stage_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None):
     """The run of one stage: journalled for the flow's run when there is one, else a top-level MLflow run."""
     order = {"lmforge.stage_index": f"{STAGES.index(stage) + 1:02d}"} if stage in STAGES else {}  # sort by pipeline
-    tags = {"lmforge.stage": stage, **order, **(tags or {})}
+    tags = {"lmforge.stage": stage, "mlflow.source.name": f"tasks/{stage}.py", **order, **(tags or {})}
     if _switched_off():
         return _closing(NullTracker(), params)
     if folder := os.environ.get(JOURNAL_ENV):
@@ -269,7 +280,8 @@ def flow_run(name: str, experiment: str, params: Mapping[str, Any]) -> Iterator[
         yield NullTracker()
         return
     prestart(experiment)
-    flow = journal.FlowJournal(_prestarted.pop(experiment), name, {"lmforge.flow": name})
+    flow = journal.FlowJournal(_prestarted.pop(experiment), name,
+                               {"lmforge.flow": name, "mlflow.source.name": f"flows/{name}.py"})
     os.environ[JOURNAL_ENV] = str(flow.folder)
     try:
         with _closing(flow, params) as tracker:
@@ -278,11 +290,12 @@ def flow_run(name: str, experiment: str, params: Mapping[str, Any]) -> Iterator[
         os.environ.pop(JOURNAL_ENV, None)
 
 
-def settle_stage_runs(parent: Tracker, stage: str, tags: Mapping[str, str] | None = None) -> None:
+def settle_stage_runs(parent: Tracker, stage: str, tags: Mapping[str, str] | None = None,
+                      inputs: list[dict] | None = None) -> None:
     """Once the flow is done with `stage`: an attempt whose process was killed is marked FAILED, and the finished
-    attempt gets `tags` (DVC's lock hash: DVC writes it after the stage exits)."""
+    attempt gets `tags` (DVC's lock hash: DVC writes it after the stage exits) and its dataset `inputs`."""
     if isinstance(parent, journal.FlowJournal):
-        parent.settle(stage, tags)
+        parent.settle(stage, tags, inputs)
 
 
 def stage_runs(parent_run_id: str) -> list[dict]:

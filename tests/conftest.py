@@ -186,3 +186,98 @@ def commit_project(root: Path, run) -> Path:
     run(root, "git", "add", "-A")
     run(root, "git", "commit", "-qm", "project")
     return root
+
+
+def _copy_project(dest: Path) -> None:
+    import shutil
+
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("tasks", "lmforge", "flows", "configs"):
+        shutil.copytree(ROOT / folder, dest / folder, ignore=ignore)
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, dest / name)
+
+
+def sh(cwd: Path, *cmd: str) -> str:
+    import subprocess
+
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}"
+    return out.stdout
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc, log: Path, timeout_s: float = 180.0) -> None:
+    """Until `url` answers 200; fails the test with the server's log if `proc` exits or time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited ({proc.returncode}) before {url} answered:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{url} did not answer in {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def lifecycle_project(tmp_path_factory):
+    """A temp copy of the project (git + DVC), where the tiny lifecycle runs once for all tests."""
+    root = tmp_path_factory.mktemp("project")
+    _copy_project(root)
+    return commit_project(root, sh)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real Prefect server (API and UI) on loopback, the flows of the test run reporting to it."""
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    port, log = free_port(), home / "server.log"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+           "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}  # the UI's calls (else port 4200)
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
+                                 "127.0.0.1", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/api/health", proc, log)
+        with temporary_settings({PREFECT_API_URL: f"{url}/api"}):
+            yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def lifecycle_run(lifecycle_project, prefect_server):
+    """The tiny lifecycle's first flow run in `lifecycle_project`, tracked in its embedded MLflow store."""
+    saved = dict(os.environ)
+    os.environ.update({"LMFORGE_TRACKING": "on", "LMFORGE_ROOT": str(lifecycle_project)})
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        from flows.lifecycle import lifecycle
+
+        results = lifecycle(preset="tiny", root=str(lifecycle_project), experiment="lmforge")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return results

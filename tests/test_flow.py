@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import commit_project
 
 from lmforge.config import STAGES
 
@@ -18,33 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _copy_project(dest: Path) -> None:
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for folder in ("tasks", "lmforge", "flows", "configs"):
-        shutil.copytree(ROOT / folder, dest / folder, ignore=ignore)
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(ROOT / name, dest / name)
-
-
-def _sh(cwd: Path, *cmd: str) -> str:
-    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}"
-    return out.stdout
-
-
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("project")
-    _copy_project(root)
-    return commit_project(root, _sh)
-
-
-@pytest.fixture(scope="module")
-def prefect():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+def project(lifecycle_project):
+    return lifecycle_project
 
 
 @pytest.fixture()
@@ -60,20 +33,8 @@ def _statuses(results):
 
 
 @pytest.fixture(scope="module")
-def first_run(project, prefect):
-    import os
-
-    saved = dict(os.environ)
-    os.environ.update({"LMFORGE_TRACKING": "on", "LMFORGE_ROOT": str(project)})
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    try:
-        from flows.lifecycle import lifecycle
-
-        results = lifecycle(preset="tiny", root=str(project), experiment="it")
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return results
+def first_run(lifecycle_run):
+    return lifecycle_run
 
 
 def test_first_run_runs_every_stage_and_outputs_load(project, first_run):
@@ -105,7 +66,7 @@ def test_mlflow_has_parent_and_nested_stage_runs(project, first_run, tracked):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("it")
+    exp = client.get_experiment_by_name("lmforge")
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.info.run_name == "lifecycle"]
     assert len(parents) == 1
@@ -121,6 +82,35 @@ def test_mlflow_has_parent_and_nested_stage_runs(project, first_run, tracked):
     assert pre.data.tags["lmforge.pid"] == parents[0].data.tags["lmforge.pid"]  # the flow's writer wrote both
     assert pre.data.tags["lmforge.process"] != parents[0].data.tags["lmforge.process"]  # journalled by the stage
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    # the data each stage read: dataset inputs whose digests are DVC's hashes in dvc.lock
+    lock = __import__("yaml").safe_load((project / "dvc.lock").read_text())["stages"]
+    corpus = next(d["md5"] for d in lock["sft"]["deps"] if d["path"] == "out/mix/corpus").removesuffix(".dir")
+    inputs = {d.dataset.name: d for d in children["sft"].inputs.dataset_inputs}
+    assert inputs["mix corpus"].dataset.digest == corpus and "built-in tasks" in inputs
+    assert [t.value for t in inputs["mix corpus"].tags if t.key == "mlflow.data.context"] == ["training"]
+    assert {d.dataset.name for d in children["evaluate"].inputs.dataset_inputs} >= {"mix corpus", "lm-eval tasks"}
+    assert len(client.get_metric_history(children["sft"].info.run_id, "eval/loss")) >= 3  # evaluated while training
+
+
+def test_embedded_store_registers_the_champion_as_the_runs_model(project, first_run, tracked):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    champion = client.get_model_version_by_alias("lmforge", "champion")
+    assert "first champion" in champion.tags["lmforge.promotion"]
+    parent = client.get_run(champion.run_id)
+    assert parent.info.run_name == "lifecycle"
+    # the run's Models column: the policy is a logged model of the flow's run, and the version points at it
+    (output,) = parent.outputs.model_outputs
+    assert champion.source == f"models:/{output.model_id}"
+    assert client.get_logged_model(output.model_id).source_run_id == parent.info.run_id
+    for variant in ("lmforge-int8", "lmforge-nf4"):
+        assert client.get_model_version_by_alias(variant, "champion").run_id == parent.info.run_id
+    mlflow.set_tracking_uri(uri)
+    folder = Path(mlflow.artifacts.download_artifacts("models:/lmforge@champion"))
+    assert (folder / "MLmodel").exists() and (folder / "components" / "tokenizer").is_dir()
 
 
 def test_second_run_skips_everything(project, first_run, tracked):
@@ -128,10 +118,15 @@ def test_second_run_skips_everything(project, first_run, tracked):
 
     card = project / "out/report/report.md"
     made = card.stat().st_mtime_ns
-    results = lifecycle(root=str(project), experiment="it")
+    results = lifecycle(root=str(project), experiment="lmforge")
     assert not any(_statuses(results).values()), results
     assert card.stat().st_mtime_ns == made  # nothing new to report: the card is kept, not redrawn
-    assert (project / "out/summary.md").read_text().count("| skipped |") == len(results)
+    text = (project / "out/summary.md").read_text()
+    assert text.count("| skipped |") == len(results)
+    # each cached stage names the run that made the outputs it kept: the first run's stage run
+    origins = json.loads((project / "out/origins.json").read_text())
+    sft = next(o for o in origins.values() if o["stage"] == "sft")
+    assert re.search(rf"\| sft \| skipped \| [0-9.]+ \| cached: made .* by MLflow run `{sft['stage_run']}`", text), text
 
 
 def test_changed_param_reruns_its_stage_and_downstream_only(project, first_run, tracked):
@@ -143,7 +138,7 @@ def test_changed_param_reruns_its_stage_and_downstream_only(project, first_run, 
     new = text[:section] + text[section:].replace("  lr: 0.0003", "  lr: 0.0002", 1)
     assert new != text
     params.write_text(new)
-    status = _statuses(lifecycle(root=str(project), experiment="it"))
+    status = _statuses(lifecycle(root=str(project), experiment="lmforge"))
     # upstream and sibling stages are cached; reward and everything that reads its output re-run
     assert not any(status[s] for s in ("mix", "tokenizer", "pretrain", "sft", "lora"))
     assert all(status[s] for s in ("reward", "ppo", "quantize", "evaluate"))
@@ -170,7 +165,7 @@ def test_bad_input_fails_fast_without_retry_and_keeps_the_previous_outputs(proje
     params.write_text(bad)
     try:
         with pytest.raises(Exception, match="mix"):
-            lifecycle(root=str(project), experiment="it", stages=["mix"])
+            lifecycle(root=str(project), experiment="lmforge", stages=["mix"])
     finally:
         params.write_text(good)
     err = capfd.readouterr()

@@ -86,7 +86,7 @@ class SftConfig(TrainingSection):
     max_length: int = F(256, "truncate training conversations to this many tokens", gt=0)
     assistant_only_loss: bool = F(True, "loss on assistant tokens only (prompt tokens get label -100)")
     log_every: int = F(10, "steps between logged training metrics", gt=0)
-    eval_every: int = F(0, "steps between held-out loss evaluations; 0: only before and after training", ge=0)
+    eval_every: int = F(100, "steps between held-out loss evaluations (the eval/loss curve); 0: only before and after training", ge=0)
     eval_batch_size: int = F(64, "prompts per batched greedy generation when measuring accuracy", gt=0)
     max_new_tokens: int = F(8, "tokens generated per answer when measuring accuracy", gt=0)
 
@@ -96,6 +96,7 @@ class LoraConfig(SftConfig):
 
     lr: float = F(3e-3, "peak learning rate", gt=0)
     max_steps: int = F(150, "optimizer steps (fewer than sft: a LoRA step costs about 1.3 full-SFT steps here)", gt=0)
+    eval_every: int = F(50, "steps between held-out loss evaluations (the eval/loss curve); 0: only before and after training", ge=0)
     r: int = F(64, "LoRA rank (16 plateaued at twice full SFT's held-out loss)", gt=0)
     alpha: int = F(128, "LoRA scaling numerator (scale = alpha / r)", gt=0)
     dropout: float = F(0.0, "dropout on the LoRA branch", ge=0, lt=1)
