@@ -22,7 +22,7 @@ endif
 endif
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test test-team test-fast test-compat bench env params ui screenshots serve doctor clean infra-up infra-down infra-status
+.PHONY: run test test-team test-fast test-compat bench env params ui screenshots serve-model chat serve doctor clean infra-up infra-down infra-status
 
 # The environment: uv (bootstrapped from the registry into the venv; pip where it cannot be had) installs the
 # CPU torch wheel first (a plain `torch` would pull the CUDA build), then the project, both under the lock.
@@ -110,6 +110,14 @@ ui: $(STAMP)
 screenshots: $(STAMP)
 	-$(BIN)/python -m infra prereqs
 	LMFORGE_SCREENSHOTS=docs/ui $(BIN)/python -m pytest -q tests/test_ui.py
+
+# The champion (serve.model) behind an OpenAI-compatible API on 127.0.0.1:8000, and a terminal chat with it;
+# MODEL=out/sft/model (a folder, or another models:/ URI) picks another, PORT= another port
+serve-model: $(STAMP)
+	$(BIN)/python -m lmforge.cli.serve $(if $(MODEL),--model $(MODEL)) $(if $(PORT),--port $(PORT))
+
+chat: $(STAMP)
+	$(BIN)/python -m lmforge.cli.chat $(if $(MODEL),--model $(MODEL))
 
 serve: $(STAMP)
 	$(BIN)/python -m flows.lifecycle serve $(if $(PRESET),--preset $(PRESET))

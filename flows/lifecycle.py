@@ -48,6 +48,7 @@ HEADLINES = {
     "grpo": ["gt_accuracy_before", "gt_accuracy", "rm_score", "kl_ref"],
     "quantize": ["policy", "int8.size_ratio", "nf4.size_ratio"],
     "evaluate": ["gate.passed"],
+    "export": ["policy", "q8_0.size_ratio", "q8_0.top1_agreement"],
 }
 
 

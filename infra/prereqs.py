@@ -2,7 +2,8 @@
 `postgresql`, through apt when running as root), an OS user for it when running as root (PostgreSQL refuses
 root), moto's own virtual environment (its botocore conflicts with dvc-s3's, so it cannot share .venv), and
 Debian's `chromium`, the browser the UI test drives with Playwright (Playwright's own browser download needs a
-CDN, not a package registry).
+CDN, not a package registry), and llama.cpp in its own virtual environment (llama-cpp-python compiled from its
+source distribution: minutes, once per checkout), which the export test runs exported GGUF files in.
 
 `python -m infra prereqs` installs them (`make test`, `make test-team` and `make infra-up` run it first);
 `--check` only looks. What cannot be installed raises Missing: one line, what is missing and the command that
@@ -20,6 +21,8 @@ from pathlib import Path
 
 INFRA = Path(__file__).resolve().parent
 S3_ENV = INFRA / ".venv-s3"
+LLAMA_ENV = INFRA / ".venv-llama"  # llama.cpp (llama-cpp-python, compiled from source) for the export test
+LLAMA_CPP = "llama-cpp-python==0.3.36"
 PG_OS_USER = os.environ.get("LMFORGE_PG_OS_USER", "postgres")  # who runs PostgreSQL when we are root
 
 
@@ -109,10 +112,28 @@ def chromium(install: bool) -> Path:
     return Path(exe)
 
 
+def llama_cpp(install: bool) -> Path:
+    """infra/.venv-llama with llama-cpp-python, compiled from source (its build needs cmake and a C++ compiler)."""
+    python = LLAMA_ENV / "bin" / "python"
+    probe = [str(python), "-c", "import llama_cpp"]
+    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return python
+    if not install:
+        raise Missing(f"llama.cpp is not installed: python -m infra prereqs builds {LLAMA_ENV} ({LLAMA_CPP})")
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(LLAMA_ENV)], check=True)
+    cmd = [str(python), "-m", "pip", "install", "-q", LLAMA_CPP]  # pip keeps the wheel it built: a rebuild is instant
+    print(f"building llama.cpp ({LLAMA_CPP}) into {LLAMA_ENV}: a few minutes, once", file=sys.stderr, flush=True)
+    if subprocess.run(cmd).returncode != 0 or subprocess.run(probe, capture_output=True).returncode != 0:
+        raise Missing(f"could not build {LLAMA_CPP} into {LLAMA_ENV} (needs the package registry, cmake and g++): "
+                      f"{' '.join(cmd)}")
+    return python
+
+
 def ensure(install: bool = True) -> dict[str, str]:
     """Every prerequisite: {name: where it is}; raises Missing naming each one that is not there, one line."""
     found, missing = {}, []
-    for name, check in (("postgres", postgres), ("s3", moto_server), ("chromium", chromium)):
+    for name, check in (("postgres", postgres), ("s3", moto_server), ("chromium", chromium),
+                        ("llama.cpp", llama_cpp)):
         try:
             found[name] = str(check(install))
         except Missing as err:

@@ -271,9 +271,8 @@ def start_prefect(stack: Stack, creds: dict[str, str]) -> None:
     env = {**_db_env(creds), **_prefect_env(stack),
            "PREFECT_API_DATABASE_CONNECTION_URL":
                f"postgresql+asyncpg://{DB_ROLE}@127.0.0.1:{stack.ports['postgres']}/prefect",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_API_URL": env["PREFECT_API_URL"]}  # the UI's own calls: else it asks port 4200
-    env.pop("PREFECT_API_URL")  # the server itself
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env["PREFECT_UI_API_URL"] = env.pop("PREFECT_API_URL")  # for the UI's own calls (else port 4200); not the server's
     spawn(stack, "prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                              "--port", str(stack.ports["prefect"])], env)
 

@@ -4,7 +4,8 @@ A flow run that made a new evaluation registers, as new versions with alias `can
 tracks to (the embedded SQLite one of `make run` as well as the team server):
 
     lmforge        the final policy (the one the quantize stage chose: quantize.model) as a logged MLflow transformers
-                   model of the flow's run (its Models column) with the chat task: `mlflow.pyfunc.load_model("models:/lmforge@champion")` answers OpenAI-style chat
+                   model of the flow's run (its Models column) with the chat task, the export stage's GGUF files,
+                   Modelfile and model card in its `export/` folder: `mlflow.pyfunc.load_model("models:/lmforge@champion")` answers OpenAI-style chat
                    requests, and so does `mlflow models serve`; its `model/` and `components/tokenizer/`
                    folders load with plain transformers. A LoRA policy is registered merged (out/lora/model),
                    so no adapter has to find its base.
@@ -75,9 +76,10 @@ def gate(root: Path) -> tuple[str, str, float, bool, dict[str, float]]:
     return variant, metric, float(row[metric]), higher is not False, row
 
 
-def _log_policy(client, run_id: str, folder: Path, tags: dict[str, str]) -> str:
+def _log_policy(client, run_id: str, folder: Path, tags: dict[str, str], export: Path | None) -> str:
     """The policy as a logged MLflow transformers model (chat task) of `run_id`, shown in the run's Models column;
-    requirements pinned to what made it. Returns its `models:/<id>` URI."""
+    requirements pinned to what made it; with the export stage's files of the same policy (`export/`: GGUF,
+    Modelfile, model card) among its artifacts. Returns its `models:/<id>` URI."""
     import mlflow
     import mlflow.transformers
     import torch
@@ -95,6 +97,8 @@ def _log_policy(client, run_id: str, folder: Path, tags: dict[str, str]) -> str:
     mlflow.transformers.log_model(components, name=POLICY, task="llm/v1/chat", model_id=model.model_id,
                                   pip_requirements=[f"transformers=={transformers.__version__}",
                                                     f"torch=={torch.__version__.split('+')[0]}", "accelerate"])
+    if export is not None:
+        client.log_model_artifacts(model.model_id, str(export), "export")
     client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
     return model.model_uri
 
@@ -107,7 +111,10 @@ def register(root: Path, run_id: str) -> tuple[dict[str, str], dict[str, str]]:
     tags = {**lineage(root), f"{TAG}policy": variant, f"{TAG}gate_metric": metric, f"{TAG}gate_value": repr(value),
             f"{TAG}higher_is_better": str(higher), **{f"metric.{k}": repr(v) for k, v in row.items()}}
     artifact_root = client.get_run(run_id).info.artifact_uri
-    sources = {POLICY: _log_policy(client, run_id, root / "out" / variant / "model", tags)}
+    export = root / "out" / "export"
+    made = json.loads((export / "metrics.json").read_text()).get("policy") if (export / "metrics.json").exists() else None
+    sources = {POLICY: _log_policy(client, run_id, root / "out" / variant / "model", tags,
+                                   export if made == variant else None)}
     for method in ("int8", "nf4"):  # plain transformers folders, logged as the run's artifacts
         if (folder := root / "out" / "quantize" / method / "config.json").exists():
             client.log_artifacts(run_id, str(folder.parent), f"registry/{POLICY}-{method}")
@@ -117,8 +124,10 @@ def register(root: Path, run_id: str) -> tuple[dict[str, str], dict[str, str]]:
         _ensure_model(client, name)
         # the variants name their policy's version: their champion follows it (_follow)
         own = tags if name == POLICY else {**tags, f"{TAG}policy_version": versions[POLICY]}
+        # a logged model's version names it (a tracking server checks that the source belongs to it)
         mv = client.create_model_version(name, source, run_id=run_id, tags=own,
-                                         description=f"lmforge {variant} policy, run {run_id}")
+                                         description=f"lmforge {variant} policy, run {run_id}",
+                                         model_id=source.removeprefix("models:/") if name == POLICY else None)
         client.set_registered_model_alias(name, CANDIDATE, mv.version)
         versions[name] = str(mv.version)  # a str from a server, an int from a local store
     return versions, tags

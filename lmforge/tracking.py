@@ -297,11 +297,3 @@ def settle_stage_runs(parent: Tracker, stage: str, tags: Mapping[str, str] | Non
     if isinstance(parent, journal.FlowJournal):
         parent.settle(stage, tags, inputs)
 
-
-def stage_runs(parent_run_id: str) -> list[dict]:
-    """Children of a flow run: name, status, metrics, tags. Used by tests."""
-    client = _client()
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
-    return [{"name": r.info.run_name, "status": r.info.status, "metrics": r.data.metrics, "tags": r.data.tags}
-            for r in runs]

@@ -111,6 +111,27 @@ def test_embedded_store_registers_the_champion_as_the_runs_model(project, first_
     mlflow.set_tracking_uri(uri)
     folder = Path(mlflow.artifacts.download_artifacts("models:/lmforge@champion"))
     assert (folder / "MLmodel").exists() and (folder / "components" / "tokenizer").is_dir()
+    # the export stage's files of the same policy travel with the version
+    assert (folder / "export" / "gguf" / "lmforge-q8_0.gguf").stat().st_size > 10_000
+    assert (folder / "export" / "README.md").read_text().startswith("---\nlicense: other")
+
+
+def test_export_writes_gguf_a_modelfile_and_a_card_with_intervals(project, first_run):
+    import yaml
+
+    export = project / "out" / "export"
+    metrics = json.loads((export / "metrics.json").read_text())
+    assert metrics["policy"] == json.loads((project / "out/quantize/metrics.json").read_text())["policy"]
+    for kind in ("f16", "q8_0"):
+        assert (export / "gguf" / f"lmforge-{kind}.gguf").stat().st_size == metrics[kind]["bytes"]
+        assert metrics[kind]["top1_agreement"] >= (1.0 if kind == "f16" else 0.9)
+    assert metrics["q8_0"]["bytes"] < metrics["f16"]["bytes"]
+    assert (export / "Modelfile").read_text().startswith("FROM ./gguf/lmforge-q8_0.gguf\nTEMPLATE")
+    card = (export / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    results = meta["model-index"][0]["results"]
+    assert any(r["task"]["name"] == "arith_gen" and "95% CI" in r["metrics"][0]["name"] for r in results)
+    assert "| arith_gen.exact_match" in card and "ollama create lmforge -f Modelfile" in card
 
 
 def test_second_run_skips_everything(project, first_run, tracked):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -182,7 +183,10 @@ def test_worker_runs_the_deployment_into_the_shared_stores(stack, scheduled_run,
     assert set(children) == set(STAGES)
     assert parent.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server to S3
     keys = _s3_keys(stack, "lmforge-mlflow")
-    assert any(k.endswith("registry/lmforge/MLmodel") for k in keys) and any("report.md" in k for k in keys)
+    # the policy is a logged model of the flow's run, the export stage's GGUF files among its artifacts
+    assert any(re.search(r"models/m-[0-9a-f]+/artifacts/MLmodel$", k) for k in keys), keys
+    assert any(re.search(r"models/m-[0-9a-f]+/artifacts/export/gguf/lmforge-q8_0\.gguf$", k) for k in keys)
+    assert any("report.md" in k for k in keys)
 
     # registry: version 1 of the policy and of each quantised variant, candidate and champion, with lineage
     head = _sh(stack.root, "git", "rev-parse", "HEAD").strip()

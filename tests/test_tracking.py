@@ -29,6 +29,15 @@ with tracking.stage_run("pretrain", {"lr": 0.1, "sources": [{"name": "a"}]}) as 
 """
 
 
+def stage_runs(parent_run_id: str) -> list[dict]:
+    """Children of a flow run: name, status, metrics, tags."""
+    client = tracking._client()
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`{tracking.PARENT_TAG}` = '{parent_run_id}'")
+    return [{"name": r.info.run_name, "status": r.info.status, "metrics": r.data.metrics, "tags": r.data.tags}
+            for r in runs]
+
+
 def _stage_process(*args: str) -> int:
     return subprocess.run([sys.executable, "-c", STAGE, *args], cwd=ROOT, timeout=120).returncode
 
@@ -53,7 +62,7 @@ def test_flow_run_nests_stage_runs_with_params_metrics_artifacts(store):
         assert _stage_process(str(store / "samples.txt")) == 0
         (store / "samples.txt").unlink()  # the stage moves its outputs when it publishes: the upload came first
         tracking.settle_stage_runs(parent, "pretrain", {"dvc.lock_md5": "abc"})
-    children = tracking.stage_runs(parent.run_id)
+    children = stage_runs(parent.run_id)
     assert [c["name"] for c in children] == ["pretrain"]
     child = children[0]
     assert child["status"] == "FINISHED" and child["metrics"]["loss"] == 1.0 and child["metrics"]["nested.x"] == 3
@@ -81,7 +90,7 @@ def test_failed_stage_is_marked_failed(store):
                 raise RuntimeError("boom")
         assert _stage_process(str(store / "samples.txt"), "kill") == -9  # its run is left RUNNING...
         tracking.settle_stage_runs(parent, "pretrain", {"dvc.lock_md5": "abc"})  # ...until the flow settles it
-    runs = tracking.stage_runs(parent.run_id)
+    runs = stage_runs(parent.run_id)
     assert sorted(r["status"] for r in runs) == ["FAILED", "FAILED"]
     killed = next(r for r in runs if "loss" in r["metrics"])
     assert killed["metrics"]["loss"] == 1.0 and tracking.ABANDONED_TAG in killed["tags"]  # what it logged stays
@@ -233,7 +242,7 @@ def test_runs_left_running_by_a_dead_process_are_marked_failed_by_the_next_flow_
     assert status == {killed_flow: "FAILED", killed_stage: "FAILED", killed_alone: "FAILED", reused_pid: "FAILED",
                       zombie_run: "FAILED", live: "RUNNING", elsewhere: "RUNNING", untagged: "RUNNING"}
     assert f"pid {dead[owners.PID_TAG]}" in client.get_run(killed_flow).data.tags[tracking.ABANDONED_TAG]
-    [stage] = tracking.stage_runs(killed_flow)  # the killed stage's own run, with what it logged
+    [stage] = stage_runs(killed_flow)  # the killed stage's own run, with what it logged
     assert stage["name"] == "pretrain" and stage["status"] == "FAILED" and stage["metrics"]["loss"] == 3.0
     new = client.get_run(parent.run_id)
     assert new.info.status == "FINISHED" and new.data.tags["lmforge.process"] == str(os.getpid())
@@ -310,6 +319,6 @@ def test_a_flow_killed_alone_has_its_runs_ended_failed_by_its_writer(store):
     deadline = time.monotonic() + 30
     while client.get_run(flow_id).info.status == "RUNNING" and time.monotonic() < deadline:
         time.sleep(0.2)
-    [stage] = tracking.stage_runs(flow_id)
+    [stage] = stage_runs(flow_id)
     assert client.get_run(flow_id).info.status == "FAILED" and stage["status"] == "FAILED"
     assert stage["metrics"]["loss"] == 2.0 and "the flow process" in stage["tags"][tracking.ABANDONED_TAG]

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from lmforge.config.base import (POLICIES, SECTION_NAMES, SHARED, STAGES, TRAINING_STAGES, Section,
                                  TrainingSection)
 from lmforge.config.data import MixConfig, SourceConfig, TokenizerConfig
-from lmforge.config.evaluation import EvaluateConfig, QuantizeConfig
+from lmforge.config.evaluation import EvaluateConfig, ExportConfig, QuantizeConfig, ServeConfig
 from lmforge.config.training import (BaseConfig, DpoConfig, GrpoConfig, LaunchConfig, LoraConfig, PpoConfig, PretrainConfig,
                                      RewardConfig, SftConfig)
 from lmforge.errors import ConfigError
@@ -24,7 +24,7 @@ from lmforge.errors import ConfigError
 __all__ = [
     "STAGES", "SHARED", "SECTION_NAMES", "TRAINING_STAGES", "POLICIES", "SECTIONS", "Section", "TrainingSection",
     "SourceConfig", "MixConfig", "BaseConfig", "TokenizerConfig", "PretrainConfig", "SftConfig", "LoraConfig", "RewardConfig",
-    "PpoConfig", "DpoConfig", "GrpoConfig", "QuantizeConfig", "EvaluateConfig", "LaunchConfig",
+    "PpoConfig", "DpoConfig", "GrpoConfig", "QuantizeConfig", "EvaluateConfig", "ExportConfig", "LaunchConfig", "ServeConfig",
     "parse_section", "read_yaml", "load_params", "load_stage",
 ]
 
@@ -41,7 +41,9 @@ SECTIONS: dict[str, type[Section]] = {
     "grpo": GrpoConfig,
     "quantize": QuantizeConfig,
     "evaluate": EvaluateConfig,
+    "export": ExportConfig,
     "launch": LaunchConfig,
+    "serve": ServeConfig,
 }
 assert tuple(SECTIONS) == SECTION_NAMES
 assert all(issubclass(SECTIONS[s], TrainingSection) for s in TRAINING_STAGES)

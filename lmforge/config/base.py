@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-STAGES = ("mix", "base", "tokenizer", "pretrain", "sft", "lora", "reward", "ppo", "dpo", "grpo", "quantize", "evaluate")
-SHARED = ("launch",)  # sections that are not stages: read by several stages, tracked by none (see LaunchConfig)
+STAGES = ("mix", "base", "tokenizer", "pretrain", "sft", "lora", "reward", "ppo", "dpo", "grpo", "quantize", "evaluate", "export")
+SHARED = ("launch", "serve")  # sections that are not stages: read by commands beside them, tracked by none
 SECTION_NAMES = STAGES + SHARED
 TRAINING_STAGES = ("pretrain", "sft", "lora", "reward", "ppo", "dpo", "grpo")
 POLICIES = ("sft", "lora", "ppo", "dpo", "grpo")  # stages whose out/<name>/model is a chat policy

@@ -88,3 +88,29 @@ class EvaluateConfig(Section):
             if needed in ("arith_mc", "arith_gen", "cloze", "heldout_ppl") and needed not in self.tasks:
                 raise ValueError(f"gate_metric {self.gate_metric!r} needs {needed} in tasks")
         return self
+
+
+class ExportConfig(Section):
+    model: Literal["best", "sft", "lora", "ppo", "dpo", "grpo"] = F(
+        "best", "policy to export: best = the one the quantize stage chose (the one the registry promotes), or a stage's name")
+    types: list[Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]] = F(
+        ["f16", "q8_0"], "GGUF files to write, one per type (q types quantise each weight matrix whose rows divide into "
+        "blocks of 32; norms stay f32)", min_length=1)
+    tokenizer_pre: str = F(
+        "auto", "llama.cpp's name for the tokenizer's pre-tokenisation (tokenizer.ggml.pre); auto recognises "
+        "lmforge's BPE, GPT-2's and SmolLM2's and refuses any other shape")
+    license: str = F("other", "license in the model card's metadata (the base model's, where there is one)")
+    verify_conversations: int = F(
+        8, "held-out conversations on which each GGUF file, read back, is compared with the safetensors model "
+        "(largest logit difference, same next token); 0 skips the check", ge=0)
+    seed: int = F(0, "seed for the held-out conversations")
+
+
+class ServeConfig(Section):
+    """Not a stage: `make serve-model` and `make chat` (lmforge/serving.py); flags override each knob."""
+
+    model: str = F("models:/lmforge@champion", "what to serve: a registry URI (the embedded store, or MLFLOW_TRACKING_URI's) or a model folder")
+    host: str = F("127.0.0.1", "address to listen on (loopback: this machine only; 0.0.0.0 exposes it)")
+    port: int = F(8000, "port of the OpenAI-compatible API", gt=0, lt=65536)
+    device: Device = F("auto", "auto picks cuda when available")
+    max_tokens: int = F(256, "new tokens per reply when a request does not say (never past the model's context)", gt=0)

@@ -1,0 +1,113 @@
+"""One loaded chat model that answers conversations: what `python -m lmforge.cli.serve` (an OpenAI-compatible API)
+and `python -m lmforge.cli.chat` (a terminal chat) share. It renders the model's own chat template, refuses a
+conversation that does not fit the model's context, stops where the template ends a turn, and generates one request
+at a time (a CPU is busy with one; a queue of requests waits its turn, none is dropped).
+
+The model is a folder (a stage's `out/<stage>/model`) or a registry URI (`models:/lmforge@champion`, read from the
+MLflow store lmforge tracks to: the embedded one, or MLFLOW_TRACKING_URI).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from lmforge import chat
+from lmforge.errors import InputError
+
+
+class TooLong(InputError):
+    """The conversation and the tokens asked for do not fit the model's context."""
+
+
+@dataclass
+class Reply:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop": the model ended its turn; "length": max_tokens ran out
+
+
+def resolve(source: str) -> tuple[Path, Path]:
+    """(model folder, tokenizer folder) for a folder or a `models:/` URI (downloaded from the registry)."""
+    if source.startswith("models:/"):
+        import mlflow
+
+        from lmforge import tracking
+
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking.tracking_uri()))
+        if (folder / "model").is_dir():  # an MLflow transformers model: weights and tokenizer in two folders
+            return folder / "model", folder / "components" / "tokenizer"
+        return folder, folder
+    folder = Path(source)
+    if not (folder / "config.json").exists():
+        raise InputError(f"{source}: not a model folder (no config.json) and not a models:/ URI")
+    return folder, folder
+
+
+class Engine:
+    def __init__(self, source: str, device: str = "cpu"):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model_dir, tokenizer_dir = resolve(source)
+        self.name = source
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        if not self.tokenizer.chat_template:
+            raise InputError(f"{source}: the tokenizer has no chat template")
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().to(device)
+        self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
+        self.stops = sorted({chat.end_token_id(self.tokenizer), self.tokenizer.eos_token_id} - {None})
+        self._lock = threading.Lock()
+
+    def prompt(self, messages: list[dict], max_tokens: int | None) -> tuple[list[int], int]:
+        """The rendered conversation's token ids and the new tokens it may have; TooLong when it does not fit."""
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        room = self.context - len(ids)
+        if room < 1 or (max_tokens is not None and max_tokens > room):
+            raise TooLong(f"this model's context is {self.context} tokens: the conversation takes {len(ids)} and "
+                          f"{max_tokens or 1} more were asked for")
+        return ids, min(max_tokens or room, room)
+
+    def _kwargs(self, ids: list[int], max_tokens: int, temperature: float, top_p: float, seed: int | None) -> dict:
+        import torch
+
+        if seed is not None:
+            torch.manual_seed(seed)
+        sample = temperature > 0
+        return {"input_ids": torch.tensor([ids], device=self.model.device), "max_new_tokens": max_tokens,
+                "do_sample": sample, "eos_token_id": self.stops, "pad_token_id": self.tokenizer.pad_token_id,
+                **({"temperature": temperature, "top_p": top_p} if sample else {"temperature": None, "top_p": None,
+                                                                                 "top_k": None})}
+
+    def reply(self, messages: list[dict], max_tokens: int | None = None, temperature: float = 0.0,
+              top_p: float = 1.0, seed: int | None = None) -> Reply:
+        import torch
+
+        ids, budget = self.prompt(messages, max_tokens)
+        with self._lock, torch.no_grad():
+            out = self.model.generate(**self._kwargs(ids, budget, temperature, top_p, seed))[0, len(ids):].tolist()
+        ended = bool(out) and out[-1] in self.stops
+        text = self.tokenizer.decode(out, skip_special_tokens=True)
+        return Reply(text, len(ids), len(out), "stop" if ended else "length")
+
+    def stream(self, messages: list[dict], max_tokens: int | None = None, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
+        """The reply's text piece by piece as it is generated (checked for fit before the first piece)."""
+        import torch
+        from transformers import TextIteratorStreamer
+
+        ids, budget = self.prompt(messages, max_tokens)
+
+        def pieces() -> Iterator[str]:
+            with self._lock:
+                streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+                kwargs = {**self._kwargs(ids, budget, temperature, top_p, seed), "streamer": streamer}
+                worker = threading.Thread(target=torch.no_grad()(self.model.generate), kwargs=kwargs, daemon=True)
+                worker.start()
+                yield from (piece for piece in streamer if piece)
+                worker.join()
+
+        return pieces()
