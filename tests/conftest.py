@@ -174,6 +174,26 @@ def odd_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return save_llama(tmp_path_factory.mktemp("odd") / "model", tiny_tokenizer, hidden=64, intermediate=96, layers=1)
 
 
+@pytest.fixture(scope="session")
+def peaked_model(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny Llama whose next-token choice is decisive (a large initialisation: logits spread over several units),
+    so greedy decoding in two engines is a fair comparison; two KV heads for four query heads (GQA)."""
+    import torch
+    import transformers
+
+    folder = save_llama(tmp_path_factory.mktemp("peaked") / "model", tiny_tokenizer, hidden=64, intermediate=128,
+                        heads=4, kv_heads=2)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    model.save_pretrained(folder)
+    return folder
+
+
 def commit_project(root: Path, run) -> Path:
     """Make `root` (project files copied in) a git + DVC project with one commit; `run(cwd, *cmd)` runs each
     command and fails the test on a non-zero exit."""

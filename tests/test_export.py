@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_llama
 
 from lmforge import gguf_export
 from lmforge.config import TokenizerConfig
@@ -22,25 +21,6 @@ TOLERANCE = {"f32": 1e-6, "f16": 0.005, "bf16": 0.03, "q8_0": 0.08, "q5_1": 0.4,
 TEXTS = ["What is 12 + 7? 12 + 7 = 19.", "def add(a, b):\n    return a + b  # 3 spaces   then", "  leading, trailing  ",
          "The quick brown fox's tail; 1234567 digits, x2 and 2x.", "<|user|>hi<|end|><|assistant|>"]
 CHATS = [[{"role": "user", "content": "What is 40 + 38?"}], [{"role": "user", "content": "Copy: fox dog"}]]
-
-
-@pytest.fixture(scope="module")
-def peaked_model(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A tiny Llama whose next-token choice is decisive (a large initialisation: logits spread over several units),
-    so greedy decoding in two engines is a fair comparison; two KV heads for four query heads (GQA)."""
-    import transformers
-
-    folder = save_llama(tmp_path_factory.mktemp("peaked") / "model", tiny_tokenizer, hidden=64, intermediate=128,
-                        heads=4, kv_heads=2)
-    config = transformers.AutoConfig.from_pretrained(folder)
-    torch.manual_seed(1)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
-    model.save_pretrained(folder)
-    return folder
 
 
 def _logits(model, ids):

@@ -114,6 +114,12 @@ def test_embedded_store_registers_the_champion_as_the_runs_model(project, first_
     # the export stage's files of the same policy travel with the version
     assert (folder / "export" / "gguf" / "lmforge-q8_0.gguf").stat().st_size > 10_000
     assert (folder / "export" / "README.md").read_text().startswith("---\nlicense: other")
+    # what `make serve-model` and `make chat` load by default
+    from lmforge.serving import Engine
+
+    engine = Engine("models:/lmforge@champion")
+    reply = engine.reply([{"role": "user", "content": "What is 2 + 3?"}], max_tokens=4)
+    assert reply.prompt_tokens > 5 and reply.finish_reason in ("stop", "length")
 
 
 def test_export_writes_gguf_a_modelfile_and_a_card_with_intervals(project, first_run):

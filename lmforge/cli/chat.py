@@ -1,6 +1,7 @@
 """`make chat`: a terminal chat with the champion (or any model folder), the reply streamed as it is generated.
 
     python -m lmforge.cli.chat [--model models:/lmforge@champion | out/sft/model] [--system "You are ..."]
+                               [--max-tokens 256]
 
 Commands: /reset forgets the conversation, /quit (or Ctrl-D) leaves. A conversation that outgrows the model's
 context says so and keeps what came before; /reset starts afresh.
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml", help="params file with a `serve` section (the defaults)")
     ap.add_argument("--model", help="registry URI or model folder (serve.model)")
     ap.add_argument("--system", help="a system message at the start of every conversation")
+    ap.add_argument("--max-tokens", type=int, help="new tokens per reply at most (serve.max_tokens)")
     args = ap.parse_args(argv)
     try:
         cfg = load_stage("serve", args.params)
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - no such model version, no store: one line, not a traceback
         print(f"error: chat: cannot load {args.model or cfg.model}: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
-    talk(engine, args.system, max_tokens=cfg.max_tokens)
+    talk(engine, args.system, max_tokens=args.max_tokens or cfg.max_tokens)
     return 0
 
 
