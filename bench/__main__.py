@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from bench import orchestration, records, report, tokenizing, training
+from bench import orchestration, records, report, serving, tokenizing, training
 from bench.core import ROOT, BenchError, Context, Row, Skip, load_avg, log, sizes_for
 
 # name, number, title (for rows that do not run), function(ctx) -> rows; run in this order
@@ -29,6 +29,7 @@ GROUPS: list[tuple[str, str, str, Callable]] = [
     ("lifecycle", "7", "Default lifecycle, all stages, 2-core CPU", records.lifecycle_rows),
     ("quantize", "8", "Quantised generation vs fp32", records.quantize_rows),
     ("tests", "9", "Test suite (pytest -q), 2-core CPU", records.test_rows),
+    ("serving", "10", "Export (GGUF) and serving (OpenAI-compatible API)", serving.serving_rows),
 ]
 
 

@@ -30,7 +30,7 @@ GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|
 # the tokenizer stage's regexes (tasks/tokenizer.py bpe_pattern) that llama.cpp splits alike
 SPLIT_REGEXES = {
     GPT2.replace(r" ?\p{N}+", r"\p{N}|\s+(?=\p{N})"): _DIGITS_THEN_GPT2,  # gpt2, split_digits (the default)
-    GPT2: "gpt2",  # gpt2, split_digits false
+    GPT2: "gpt-2",  # gpt2, split_digits false
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
     r"|\s+(?!\S)|\s+": "llama-bpe",  # gpt4, split_digits false: Llama 3's
 }
@@ -42,7 +42,7 @@ def tokenizer_pre(tokenizer_json: dict) -> str | None:
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return _DIGITS_THEN_GPT2  # SmolLM2's own
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
@@ -76,7 +76,7 @@ def _tokenizer(writer, folder: Path, pre: str) -> dict[str, int]:
             raise ConfigError(
                 f"export: llama.cpp names its pre-tokenisers and lmforge knows none equal to this tokenizer's "
                 f"({json.dumps(data.get('pre_tokenizer'))[:300]}); set export.tokenizer_pre to the llama.cpp name "
-                f"that splits text the same way (gpt2, smollm, llama-bpe, ...) once you have checked it does")
+                f"that splits text the same way (gpt-2, smollm, llama-bpe, ...) once you have checked it does")
         pre = found
     added = {t["id"]: t for t in data.get("added_tokens", [])}
     vocab = {**model["vocab"], **{t["content"]: i for i, t in added.items()}}

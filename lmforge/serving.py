@@ -54,10 +54,10 @@ class Engine:
 
         model_dir, tokenizer_dir = resolve(source)
         self.name = source
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
         if not self.tokenizer.chat_template:
             raise InputError(f"{source}: the tokenizer has no chat template")
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().to(device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False).eval().to(device)
         self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
         self.stops = sorted({chat.end_token_id(self.tokenizer), self.tokenizer.eos_token_id} - {None})
         self._lock = threading.Lock()

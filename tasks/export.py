@@ -36,8 +36,8 @@ def agreement(folder: Path, gguf_dir: Path, gguf_name: str, tokenizer, rows: lis
     import torch
     from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(folder).eval()
-    back = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name).eval()
+    ref = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False).eval()
+    back = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, trust_remote_code=False).eval()
     worst, same, total = 0.0, 0, 0
     with torch.no_grad():
         for row in rows:
@@ -56,7 +56,7 @@ def run(cfg: ExportConfig, *, quantize: Path, evaluate: Path, mix: Path, base: P
 
     name = chosen(cfg, quantize, policies)
     folder = Path(policies[name])
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     context = int(modelcard.read_json(folder / "config.json").get("max_position_embeddings", 0))
     rows = posttrain_data.conversations("test", cfg.verify_conversations, cfg.seed) if cfg.verify_conversations else []
     files = []

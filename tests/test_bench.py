@@ -169,3 +169,19 @@ def test_markdown_marks_skips_and_failed_targets():
                             "load": {"start": 0.1, "end": 0.2}, "rows": [row.as_dict(), skip.as_dict()]})
     assert "| 0.9× | ≥ 0.95× | **no** | A |" in text
     assert "skipped: tasks/sft.py does not exist yet" in text
+
+
+@pytest.mark.slow
+def test_row_10_measures_export_and_serving_on_one_model(peaked_model, tmp_path):
+    from bench import serving
+
+    ctx = core.Context(core.sizes_for(quick=True, cuda=False), workdir=tmp_path / "ws")
+    try:
+        rows = serving._export_rows(ctx, "tiny", peaked_model) + serving._serve_rows(ctx, "tiny", peaked_model)
+    finally:
+        ctx.close()
+    by = {r.key: r for r in rows}
+    assert by["export.tiny.q8_0"].value < by["export.tiny.f16"].value < 0.6  # against fp32 safetensors
+    assert by["serve.tiny.tokens_per_s"].ours > 0 and by["serve.tiny.tokens_per_s"].baseline > 0
+    assert by["serve.tiny.first_token"].ours > 0 and by["serve.tiny.tokens_per_s"].target == "≥ 0.9×"
+    assert [g[1] for g in selected(["10"])] == ["10"]

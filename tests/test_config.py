@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.errors import ConfigError
-from lmforge.config import SECTIONS, STAGES, TRAINING_STAGES, TrainingSection, load_params, load_stage, parse_section
+from lmforge.config import SECTIONS, SHARED, STAGES, TRAINING_STAGES, TrainingSection, load_params, load_stage, parse_section
 from lmforge.cli.preset import main as preset_main
 from lmforge.cli.preset import render_defaults, resolve
 
@@ -79,7 +79,7 @@ def test_presets_render_and_round_trip(tmp_path, preset):
     assert preset_main([preset, "--params", str(out), "--configs", str(ROOT / "configs")]) == 0
     loaded = load_params(out)
     assert loaded == resolve(preset, ROOT / "configs")
-    assert set(loaded) == set(STAGES) | {"launch"}
+    assert set(loaded) == set(STAGES) | set(SHARED)
     # every knob appears with its comment
     text = out.read_text()
     assert text.count("  # ") >= sum(len(m.model_fields) for m in SECTIONS.values())

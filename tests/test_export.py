@@ -55,7 +55,7 @@ def test_the_tokenizer_stage_shapes_map_to_llama_cpp_names_or_none():
             {"type": "ByteLevel", "use_regex": False}]}})
 
     assert named(pre_tokenizer="gpt2", split_digits=True) == "smollm"
-    assert named(pre_tokenizer="gpt2", split_digits=False) == "gpt2"
+    assert named(pre_tokenizer="gpt2", split_digits=False) == "gpt-2"
     assert named(pre_tokenizer="gpt4", split_digits=False) == "llama-bpe"
     assert named(pre_tokenizer="gpt2_eol") is None and named(pre_tokenizer="gpt4", split_digits=True) is None
 
@@ -69,7 +69,7 @@ def test_an_unknown_tokenizer_shape_is_an_error_naming_the_knob(peaked_model, tm
     with pytest.raises(ConfigError, match="export.tokenizer_pre"):
         gguf_export.write(folder, tmp_path / "m.gguf", "f16")
     assert not (tmp_path / "m.gguf").exists() or (tmp_path / "m.gguf").stat().st_size == 0
-    gguf_export.write(folder, tmp_path / "named.gguf", "f16", pre="gpt2")  # the user's word is taken
+    gguf_export.write(folder, tmp_path / "named.gguf", "f16", pre="gpt-2")  # the user's word is taken
 
 
 @pytest.mark.slow

