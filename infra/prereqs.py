@@ -23,6 +23,9 @@ INFRA = Path(__file__).resolve().parent
 S3_ENV = INFRA / ".venv-s3"
 LLAMA_ENV = INFRA / ".venv-llama"  # llama.cpp (llama-cpp-python, compiled from source) for the export test
 LLAMA_CPP = "llama-cpp-python==0.3.36"
+# A portable build (AVX2, FMA, F16C), not one tuned to the building CPU: a native build on a Xeon with AMX runs AMX
+# tile instructions that a virtual machine may not grant (SIGILL), and a venv may move to another CPU.
+LLAMA_CMAKE = "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
 PG_OS_USER = os.environ.get("LMFORGE_PG_OS_USER", "postgres")  # who runs PostgreSQL when we are root
 
 
@@ -116,16 +119,21 @@ def llama_cpp(install: bool) -> Path:
     """infra/.venv-llama with llama-cpp-python, compiled from source (its build needs cmake and a C++ compiler)."""
     python = LLAMA_ENV / "bin" / "python"
     probe = [str(python), "-c", "import llama_cpp"]
-    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+    stamp = LLAMA_ENV / "cmake-args"  # what the library was built with: other flags mean a rebuild
+    built = stamp.read_text() if stamp.exists() else None
+    if built == LLAMA_CMAKE and subprocess.run(probe, capture_output=True).returncode == 0:
         return python
     if not install:
         raise Missing(f"llama.cpp is not installed: python -m infra prereqs builds {LLAMA_ENV} ({LLAMA_CPP})")
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(LLAMA_ENV)], check=True)
-    cmd = [str(python), "-m", "pip", "install", "-q", LLAMA_CPP]  # pip keeps the wheel it built: a rebuild is instant
+    # no wheel cache: pip would hand back a wheel built with other flags (its cache key ignores CMAKE_ARGS)
+    cmd = [str(python), "-m", "pip", "install", "-q", "--no-cache-dir", LLAMA_CPP]
     print(f"building llama.cpp ({LLAMA_CPP}) into {LLAMA_ENV}: a few minutes, once", file=sys.stderr, flush=True)
-    if subprocess.run(cmd).returncode != 0 or subprocess.run(probe, capture_output=True).returncode != 0:
+    env = {**os.environ, "CMAKE_ARGS": LLAMA_CMAKE}
+    if subprocess.run(cmd, env=env).returncode != 0 or subprocess.run(probe, capture_output=True).returncode != 0:
         raise Missing(f"could not build {LLAMA_CPP} into {LLAMA_ENV} (needs the package registry, cmake and g++): "
-                      f"{' '.join(cmd)}")
+                      f"CMAKE_ARGS='{LLAMA_CMAKE}' {' '.join(cmd)}")
+    stamp.write_text(LLAMA_CMAKE)
     return python
 
 

@@ -35,7 +35,7 @@ def modelfile(gguf_name: str, tokenizer, context: int) -> str:
 
 def _results(table: dict) -> list[dict]:
     """model-index results for the policy: each benchmark metric with its 95% interval where evaluate gave one."""
-    row, spans = table["rows"].get(table["policy"], {}), table.get("intervals", {}).get(table["policy"], {})
+    row, spans = table.get("rows", {}).get(table["policy"], {}), table.get("intervals", {}).get(table["policy"], {})
     out = []
     for metric, value in row.items():
         task, name = metric.split(".", 1)
