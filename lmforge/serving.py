@@ -94,20 +94,42 @@ class Engine:
         return Reply(text, len(ids), len(out), "stop" if ended else "length")
 
     def stream(self, messages: list[dict], max_tokens: int | None = None, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
-        """The reply's text piece by piece as it is generated (checked for fit before the first piece)."""
+               top_p: float = 1.0, seed: int | None = None, cancel: threading.Event | None = None) -> Iterator[str]:
+        """The reply's text piece by piece as it is generated (checked for fit before the first piece). Generation
+        stops at the next token once `cancel` is set, or once the returned iterator is closed or dropped: a reader
+        who goes away (a client that disconnects mid-stream) does not hold the model."""
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         ids, budget = self.prompt(messages, max_tokens)
+        cancel = cancel or threading.Event()
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        failed: list[BaseException] = []
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        def generate() -> None:  # in a worker thread, which holds the model while it generates
+            try:
+                with self._lock, torch.no_grad():
+                    if not cancel.is_set():
+                        self.model.generate(**self._kwargs(ids, budget, temperature, top_p, seed), streamer=streamer,
+                                            stopping_criteria=StoppingCriteriaList([Cancelled()]))
+            except BaseException as err:  # noqa: BLE001 - handed to the reader, who would otherwise wait forever
+                failed.append(err)
+            finally:
+                streamer.end()
 
         def pieces() -> Iterator[str]:
-            with self._lock:
-                streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-                kwargs = {**self._kwargs(ids, budget, temperature, top_p, seed), "streamer": streamer}
-                worker = threading.Thread(target=torch.no_grad()(self.model.generate), kwargs=kwargs, daemon=True)
-                worker.start()
+            worker = threading.Thread(target=generate, daemon=True)
+            worker.start()
+            try:
                 yield from (piece for piece in streamer if piece)
-                worker.join()
+            finally:
+                cancel.set()
+            worker.join()
+            if failed:
+                raise failed[0]
 
         return pieces()

@@ -60,6 +60,19 @@ def test_a_streamed_reply_is_the_same_text(client):
     assert whole and "".join(chunks) == whole and len(chunks) >= 2  # pieces, then the closing chunk
 
 
+def test_a_client_that_leaves_mid_stream_does_not_hold_the_model(client, peaked_model):
+    stream = client.chat.completions.create(model="lmforge", messages=ASK, max_tokens=100, stream=True)
+    next(iter(stream))
+    stream.close()  # gone after the first piece: the server stops generating for it
+    quick = client.with_options(timeout=60, max_retries=0)
+    assert quick.chat.completions.create(model="lmforge", messages=ASK, max_tokens=2).choices[0].message
+    from lmforge.serving import Engine
+
+    engine = Engine(str(peaked_model))  # the same in one process: a dropped stream gives the model back
+    next(iter(engine.stream(ASK, max_tokens=100)))
+    assert engine._lock.acquire(timeout=60)
+
+
 def test_an_over_long_prompt_and_a_bad_request_get_400_and_the_server_goes_on(client, server):
     import openai
 

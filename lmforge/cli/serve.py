@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 import uuid
 from typing import Literal
@@ -44,7 +45,7 @@ class ChatRequest(BaseModel):
 
 def build_app(engine: Engine, default_max_tokens: int):
     from fastapi import FastAPI, Request
-    from fastapi.concurrency import run_in_threadpool
+    from fastapi.concurrency import iterate_in_threadpool, run_in_threadpool
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -80,17 +81,21 @@ def build_app(engine: Engine, default_max_tokens: int):
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": "lmforge"}
         options = {"max_tokens": asked, "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed}
         if req.stream:
-            pieces = engine.stream(messages, **options)  # TooLong here, before the response starts
+            cancel = threading.Event()  # set when the client goes away: generation stops at the next token
+            pieces = engine.stream(messages, cancel=cancel, **options)  # TooLong here, before the response starts
 
-            def events():
-                for piece in pieces:
-                    delta = {"object": "chat.completion.chunk", **head,
-                             "choices": [{"index": 0, "delta": {"role": "assistant", "content": piece},
-                                          "finish_reason": None}]}
-                    yield f"data: {json.dumps(delta)}\n\n"
-                done = {"object": "chat.completion.chunk", **head,
-                        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-                yield f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n"
+            async def events():
+                try:
+                    async for piece in iterate_in_threadpool(pieces):
+                        delta = {"object": "chat.completion.chunk", **head,
+                                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": piece},
+                                              "finish_reason": None}]}
+                        yield f"data: {json.dumps(delta)}\n\n"
+                    done = {"object": "chat.completion.chunk", **head,
+                            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+                    yield f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n"
+                finally:
+                    cancel.set()
 
             return StreamingResponse(events(), media_type="text/event-stream")
         reply = await run_in_threadpool(engine.reply, messages, **options)
