@@ -1,7 +1,8 @@
 """One loaded chat model that answers conversations: what `python -m lmforge.cli.serve` (an OpenAI-compatible API)
 and `python -m lmforge.cli.chat` (a terminal chat) share. It renders the model's own chat template, refuses a
 conversation that does not fit the model's context, stops where the template ends a turn, and generates one request
-at a time (a CPU is busy with one; a queue of requests waits its turn, none is dropped).
+at a time on one thread of its own (a CPU is busy with one; a queue of requests waits its turn, none is dropped; and
+torch keeps one warm thread pool, where a web server's many threads would each start their own).
 
 The model is a folder (a stage's `out/<stage>/model`) or a registry URI (`models:/lmforge@champion`, read from the
 MLflow store lmforge tracks to: the embedded one, or MLFLOW_TRACKING_URI).
@@ -10,6 +11,7 @@ MLflow store lmforge tracks to: the embedded one, or MLFLOW_TRACKING_URI).
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -60,7 +62,7 @@ class Engine:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False).eval().to(device)
         self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
         self.stops = sorted({chat.end_token_id(self.tokenizer), self.tokenizer.eos_token_id} - {None})
-        self._lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="lmforge-generate")  # every generate runs here
 
     def prompt(self, messages: list[dict], max_tokens: int | None) -> tuple[list[int], int]:
         """The rendered conversation's token ids and the new tokens it may have; TooLong when it does not fit."""
@@ -87,8 +89,8 @@ class Engine:
         import torch
 
         ids, budget = self.prompt(messages, max_tokens)
-        with self._lock, torch.no_grad():
-            out = self.model.generate(**self._kwargs(ids, budget, temperature, top_p, seed))[0, len(ids):].tolist()
+        kwargs = self._kwargs(ids, budget, temperature, top_p, seed)
+        out = self._worker.submit(torch.no_grad()(self.model.generate), **kwargs).result()[0, len(ids):].tolist()
         ended = bool(out) and out[-1] in self.stops
         text = self.tokenizer.decode(out, skip_special_tokens=True)
         return Reply(text, len(ids), len(out), "stop" if ended else "length")
@@ -110,9 +112,9 @@ class Engine:
             def __call__(self, input_ids, scores, **kwargs):
                 return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
 
-        def generate() -> None:  # in a worker thread, which holds the model while it generates
+        def generate() -> None:  # on the engine's thread, after the requests before it
             try:
-                with self._lock, torch.no_grad():
+                with torch.no_grad():
                     if not cancel.is_set():
                         self.model.generate(**self._kwargs(ids, budget, temperature, top_p, seed), streamer=streamer,
                                             stopping_criteria=StoppingCriteriaList([Cancelled()]))
@@ -122,13 +124,12 @@ class Engine:
                 streamer.end()
 
         def pieces() -> Iterator[str]:
-            worker = threading.Thread(target=generate, daemon=True)
-            worker.start()
+            done = self._worker.submit(generate)
             try:
                 yield from (piece for piece in streamer if piece)
             finally:
                 cancel.set()
-            worker.join()
+            done.result()
             if failed:
                 raise failed[0]
 
