@@ -18,6 +18,7 @@ from bench.core import ROOT, Context, Row, Skip, base_env, log, ratio_row, run_c
 
 PROMPTS = 6  # held-out questions, the same for both paths
 TOKENS = 32  # new tokens asked per reply
+ROUNDS = 3  # passes over the prompts; the best one counts (a default model's replies take milliseconds)
 
 
 def _free_port() -> int:
@@ -60,16 +61,19 @@ def _export_rows(ctx: Context, name: str, folder: Path) -> list[Row]:
 
 
 def _timed(first_fn, reply_fn, asks: list[list[dict]]) -> tuple[float, float, float]:
-    """(tokens/s over all replies, median seconds to the first streamed text, mean tokens per reply)."""
-    firsts, tokens, start = [], 0, time.perf_counter()
-    for ask in asks:
-        tokens += reply_fn(ask)
-    seconds = time.perf_counter() - start
+    """(tokens/s over all replies, best of ROUNDS, median seconds to the first streamed text, mean tokens per
+    reply)."""
+    firsts, rates = [], []
+    for _ in range(ROUNDS):
+        tokens, start = 0, time.perf_counter()
+        for ask in asks:
+            tokens += reply_fn(ask)
+        rates.append(tokens / (time.perf_counter() - start))
     for ask in asks:
         t0 = time.perf_counter()
         first_fn(ask)  # which closes its stream: a reader gone mid-reply stops the generation
         firsts.append(time.perf_counter() - t0)
-    return tokens / seconds, sorted(firsts)[len(firsts) // 2], tokens / len(asks)
+    return max(rates), sorted(firsts)[len(firsts) // 2], tokens / len(asks)
 
 
 def _serve_rows(ctx: Context, name: str, folder: Path) -> list[Row]:
@@ -107,8 +111,8 @@ def _serve_rows(ctx: Context, name: str, folder: Path) -> list[Row]:
         server.terminate()
         server.wait(timeout=60)
     per_request = [tokens / rate * 1000 for rate, _, tokens in (served, plain)]
-    note = (f"{PROMPTS} held-out prompts, {TOKENS} new tokens at most, greedy, one request at a time; replies of "
-            f"{plain[2]:.1f} tokens on average: {per_request[0]:.1f} ms per request served, {per_request[1]:.1f} ms "
+    note = (f"{PROMPTS} held-out prompts, {TOKENS} new tokens at most, greedy, one request at a time, best of "
+            f"{ROUNDS}; replies of {plain[2]:.1f} tokens on average: {per_request[0]:.1f} ms per request served, {per_request[1]:.1f} ms "
             f"in process")
     return [ratio_row("10", f"serve.{name}.tokens_per_s", f"Serving tokens/s vs plain generate ({name})", served[0],
                       plain[0], "tokens/s", baseline_name="generate", at_least=0.9, note=note),
