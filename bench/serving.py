@@ -112,8 +112,8 @@ def _serve_rows(ctx: Context, name: str, folder: Path) -> list[Row]:
         server.wait(timeout=60)
     per_request = [tokens / rate * 1000 for rate, _, tokens in (served, plain)]
     note = (f"{PROMPTS} held-out prompts, {TOKENS} new tokens at most, greedy, one request at a time, best of "
-            f"{ROUNDS}; replies of {plain[2]:.1f} tokens on average: {per_request[0]:.1f} ms per request served, {per_request[1]:.1f} ms "
-            f"in process")
+            f"{ROUNDS}; replies of {plain[2]:.1f} tokens on average: {per_request[0]:.1f} ms per request served, "
+            f"{per_request[1]:.1f} ms in process")
     return [ratio_row("10", f"serve.{name}.tokens_per_s", f"Serving tokens/s vs plain generate ({name})", served[0],
                       plain[0], "tokens/s", baseline_name="generate", at_least=0.9, note=note),
             ratio_row("10", f"serve.{name}.first_token", f"Serving time to first text vs plain generate ({name})",
