@@ -116,7 +116,9 @@ def test_replay_adds_pretraining_text_as_replies_to_no_question(tiny_corpus, tin
     assert len(pieces) == 10 and all(p == [{"role": "assistant", "content": p[0]["content"]}] for p in pieces)
     train = "\n".join(iter_texts(tiny_corpus, "train"))
     assert all(p[0]["content"] in train and 0 < len(p[0]["content"]) <= 96 for p in pieces)
-    assert finetune.replay(SftConfig(**TINY), None, 10) == []  # off by default: no corpus needed
+    short = SftConfig(**{**TINY, "replay_share": 0.5, "replay_tokens": 8})
+    assert all(0 < len(p[0]["content"]) <= 24 for p in finetune.replay(short, tiny_corpus, 10))  # 8 tokens' worth
+    assert finetune.replay(SftConfig(**{**TINY, "replay_share": 0.0}), None, 10) == []  # off: no corpus needed
     with pytest.raises(InputError, match="replay_share > 0 needs the corpus"):
         finetune.replay(cfg, None, 10)
     tok = models.load_tokenizer(tiny_model_dir)  # the loss falls on the text: it is the assistant's reply

@@ -85,7 +85,7 @@ def replay(cfg: SftConfig, corpus: Path | None, n_tasks: int) -> list[list[dict]
     if not texts:
         raise InputError(f"{corpus}: no training text to replay")
     rng, want = random.Random(cfg.seed), round(n_tasks * cfg.replay_share / (1 - cfg.replay_share))
-    width = cfg.max_length * 3  # characters: about max_length tokens of English or code
+    width = min(cfg.replay_tokens, cfg.max_length) * 3  # characters: about that many tokens of English or code
     pieces = []
     for text in rng.sample(texts, min(want, len(texts))) + rng.choices(texts, k=max(0, want - len(texts))):
         start = rng.randrange(max(1, len(text) - width))
