@@ -125,11 +125,11 @@ def test_batch_that_does_not_split_is_bad_input(tiny_corpus, tiny_tokenizer_dir,
     assert "starting" not in result.stderr  # refused before any worker started
 
 
-def test_sft_under_accelerate_with_two_processes(tiny_model_dir, tmp_path):
+def test_sft_under_accelerate_with_two_processes(tiny_model_dir, tiny_corpus, tmp_path):
     """TRL's SFTTrainer under torchrun: Accelerate sets up the two-process group; same global batch."""
     def sft(nproc: int, out: Path) -> dict:
         params = write_params(tmp_path / f"p{nproc}.yaml", nproc=nproc)
-        stage("sft", params, "--base", str(tiny_model_dir), "--out", str(out))
+        stage("sft", params, "--base", str(tiny_model_dir), "--corpus", str(tiny_corpus), "--out", str(out))
         return json.loads((out / "metrics.json").read_text())
 
     one, two = sft(1, tmp_path / "one"), sft(2, tmp_path / "two")

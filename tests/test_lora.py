@@ -10,7 +10,7 @@ from lmforge.config import LoraConfig
 from lmforge.errors import InputError
 from lmforge.stage import execute
 
-TINY = dict(train_examples=64, test_examples=16, max_steps=6, batch_size=8, lr=2e-2, warmup_steps=0, log_every=2,
+TINY = dict(replay_share=0.0, train_examples=64, test_examples=16, max_steps=6, batch_size=8, lr=2e-2, warmup_steps=0, log_every=2,
             eval_batch_size=16, max_new_tokens=4, num_threads=1, r=4, alpha=8)
 
 

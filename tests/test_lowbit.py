@@ -177,7 +177,7 @@ def test_qlora_trains_on_either_path(cpu_4bit_path, odd_model_dir, tmp_path):
     from tasks import lora
     from lmforge.config import LoraConfig
 
-    cfg = LoraConfig(train_examples=32, test_examples=8, max_steps=3, batch_size=8, lr=2e-2, warmup_steps=0,
+    cfg = LoraConfig(replay_share=0.0, train_examples=32, test_examples=8, max_steps=3, batch_size=8, lr=2e-2, warmup_steps=0,
                      log_every=1, eval_batch_size=8, max_new_tokens=3, num_threads=1, r=4, alpha=8, qlora=True,
                      target_modules=["q_proj", "down_proj"])
     metrics = execute("lora", lora.run, cfg, tmp_path / "q", {"base": odd_model_dir}, tracker=tracking.NullTracker())

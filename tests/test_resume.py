@@ -26,7 +26,7 @@ from lmforge.config import DpoConfig, GrpoConfig, LoraConfig, PpoConfig, RewardC
 from lmforge.stage import execute
 from lmforge.tracking import NullTracker
 
-TINY = dict(train_examples=64, test_examples=8, max_steps=6, batch_size=8, lr=1e-2, warmup_steps=0, log_every=1,
+TINY = dict(replay_share=0.0, train_examples=64, test_examples=8, max_steps=6, batch_size=8, lr=1e-2, warmup_steps=0, log_every=1,
             eval_batch_size=8, max_new_tokens=2, num_threads=1, checkpoint_every=3)
 
 
@@ -156,7 +156,7 @@ def test_grpo_resumes_from_its_checkpoint_and_keeps_the_whole_curve(tiny_model_d
 
 
 def test_lora_resumes_from_its_checkpoint(tiny_model_dir, tmp_path, capfd):
-    cfg = LoraConfig(train_examples=32, test_examples=8, max_steps=4, batch_size=8, lr=2e-2, warmup_steps=0, log_every=1,
+    cfg = LoraConfig(replay_share=0.0, train_examples=32, test_examples=8, max_steps=4, batch_size=8, lr=2e-2, warmup_steps=0, log_every=1,
                      eval_batch_size=8, max_new_tokens=2, num_threads=1, r=4, alpha=8, checkpoint_every=2)
     metrics = _crash_then_resume("lora", lora.run, cfg, {"base": tiny_model_dir}, tmp_path, capfd,
                                  crash_at=3, checkpoint_at=2)

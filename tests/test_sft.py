@@ -13,7 +13,7 @@ from lmforge.config import SftConfig
 from lmforge.errors import InputError
 from lmforge.stage import execute
 
-TINY = dict(train_examples=64, test_examples=16, max_steps=6, batch_size=8, lr=1e-2, warmup_steps=0, log_every=1,
+TINY = dict(replay_share=0.0, train_examples=64, test_examples=16, max_steps=6, batch_size=8, lr=1e-2, warmup_steps=0, log_every=1,
             eval_batch_size=16, max_new_tokens=4, num_threads=1)
 
 

@@ -16,7 +16,7 @@ from tasks import base, dpo, evaluate, grpo, lora, ppo, pretrain, quantize, rewa
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-FEW = dict(train_examples=16, test_examples=8, max_steps=2, batch_size=4, warmup_steps=0, log_every=1,
+FEW = dict(replay_share=0.0, train_examples=16, test_examples=8, max_steps=2, batch_size=4, warmup_steps=0, log_every=1,
            eval_batch_size=8, max_new_tokens=6, max_length=96)
 
 

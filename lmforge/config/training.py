@@ -75,8 +75,8 @@ class SftConfig(TrainingSection):
     data_format: Literal["auto", "messages", "prompt_completion"] = F("auto", "format of data_files; auto detects it per file")
     replay_share: float = F(
         0.1, "share of the training examples that are pretraining text (the mix's train split, learnt as a reply to "
-        "no question), so that fine-tuning keeps what pretraining taught (0.1 x 32 tokens: held-out bits/byte within "
-        "1.3x the base's instead of 10x, exact match kept; docs/findings/forgetting.md)", ge=0, lt=1)
+        "no question), so that fine-tuning keeps what pretraining taught (without it the default model's held-out "
+        "bits/byte grew several-fold; docs/findings/forgetting.md)", ge=0, lt=1)
     replay_tokens: int = F(32, "length of a replayed piece in tokens (3 characters each, roughly): near the task "
                            "conversations' length, so a batch that holds replay is not padded to max_length", gt=0)
     max_steps: int = F(500, "optimizer steps (500 x 64: at 250 the copy task was learnt on one CPU and not on another; docs/findings/teaching-default.md)", gt=0)

@@ -76,7 +76,7 @@ def replay(cfg: SftConfig, corpus: Path | None, n_tasks: int) -> list[list[dict]
     if not cfg.replay_share:
         return []
     if corpus is None:
-        raise InputError("replay_share > 0 needs the corpus (--corpus out/mix/corpus)")
+        raise InputError("replay_share > 0 needs the corpus (--corpus out/mix/corpus), or set replay_share: 0")
     import random
 
     from lmforge.data.corpus import iter_texts
