@@ -20,6 +20,23 @@ from lmforge import chat
 from lmforge.errors import InputError
 
 
+def from_params(params: str | Path, model: str | None = None):
+    """(the `serve` section of `params`, an Engine for `model` or serve.model on serve.device): what the serve and
+    chat commands start from. A bad section is a ConfigError; a model that does not load (no such folder, version
+    or store) an InputError naming it, so a command prints one line, not a traceback."""
+    from lmforge.config import load_stage
+    from lmforge.runtime import pick_device
+
+    cfg = load_stage("serve", params)
+    device = pick_device(cfg.device, "serve")
+    try:
+        return cfg, Engine(model or cfg.model, device=str(device))
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever loading raised, said in one line
+        raise InputError(f"cannot load {model or cfg.model}: {type(err).__name__}: {err}") from err
+
+
 class TooLong(InputError):
     """The conversation and the tokens asked for do not fit the model's context."""
 

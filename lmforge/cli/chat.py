@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmforge.config import load_stage
 from lmforge.errors import ConfigError, InputError
-from lmforge.serving import Engine, TooLong
+from lmforge.serving import Engine, TooLong, from_params
 
 
 def talk(engine: Engine, system: str | None, read=input, write=sys.stdout.write, max_tokens: int = 256) -> None:
@@ -62,15 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, help="new tokens per reply at most (serve.max_tokens)")
     args = ap.parse_args(argv)
     try:
-        cfg = load_stage("serve", args.params)
-        from lmforge.runtime import pick_device
-
-        engine = Engine(args.model or cfg.model, device=str(pick_device(cfg.device, "serve")))
+        cfg, engine = from_params(args.params, args.model)
     except (ConfigError, InputError) as err:
         print(f"error: chat: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # noqa: BLE001 - no such model version, no store: one line, not a traceback
-        print(f"error: chat: cannot load {args.model or cfg.model}: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     talk(engine, args.system, max_tokens=args.max_tokens or cfg.max_tokens)
     return 0

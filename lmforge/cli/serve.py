@@ -21,9 +21,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmforge.config import load_stage
 from lmforge.errors import ConfigError, InputError
-from lmforge.serving import Engine, TooLong
+from lmforge.serving import Engine, TooLong, from_params
 
 
 class Message(BaseModel):
@@ -117,16 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, help="port (serve.port)")
     args = ap.parse_args(argv)
     try:
-        cfg = load_stage("serve", args.params)
-        from lmforge.runtime import pick_device
-
-        device = pick_device(cfg.device, "serve")
-        engine = Engine(args.model or cfg.model, device=str(device))
+        cfg, engine = from_params(args.params, args.model)
     except (ConfigError, InputError) as err:
         print(f"error: serve: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # noqa: BLE001 - no such model version, no store: one line, not a traceback
-        print(f"error: serve: cannot load {args.model or cfg.model}: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     import uvicorn
 
