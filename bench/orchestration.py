@@ -18,7 +18,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from bench.core import (BenchError, Context, Row, Skip, base_env, best_of, excess_row, log, run_cmd)
 from flows import PREFECT_DEFAULTS
+from infra.stack import free_port
 
 PY = sys.executable
 BUMP_KEYS = {"tokenizer": "max_train_chars"}  # the knob bumped to force a re-run; "seed" elsewhere
@@ -39,9 +39,7 @@ class PrefectServer:
     def __init__(self, home: Path):
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.proc: subprocess.Popen | None = None
         self.start_s: float | None = None

@@ -15,18 +15,11 @@ import time
 from pathlib import Path
 
 from bench.core import ROOT, Context, Row, Skip, base_env, log, ratio_row, run_cmd
+from infra.stack import free_port
 
 PROMPTS = 6  # held-out questions, the same for both paths
 TOKENS = 32  # new tokens asked per reply
 ROUNDS = 3  # passes over the prompts; the best one counts (a default model's replies take milliseconds)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _default_policy(ctx: Context) -> Path | None:
@@ -92,7 +85,7 @@ def _serve_rows(ctx: Context, name: str, folder: Path) -> list[Row]:
 
     plain = _timed(plain_first, lambda a: engine.reply(a, max_tokens=TOKENS).completion_tokens, asks)
     del engine
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "lmforge.cli.serve", "--params", str(ROOT / "params.yaml"),
                                "--model", str(folder), "--port", str(port)], env=base_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from infra.stack import free_port
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LMFORGE_TRACKING", "off")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -224,14 +226,6 @@ def sh(cwd: Path, *cmd: str) -> str:
     out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}"
     return out.stdout
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, proc, log: Path, timeout_s: float = 180.0) -> None:
