@@ -30,19 +30,31 @@ def chosen(cfg: ExportConfig, quantize_metrics: Path, policies: dict[str, Path |
     return name
 
 
-def agreement(folder: Path, gguf_dir: Path, gguf_name: str, tokenizer, rows: list[dict]) -> dict:
-    """The GGUF file read back by transformers against the safetensors model, on the same token ids: the largest
-    logit difference and how often both pick the same next token."""
+def reference(folder: Path, tokenizer, rows: list[dict]) -> list[tuple]:
+    """(token ids, the safetensors model's logits) per held-out conversation: computed once, compared per type."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False).eval()
-    back = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, trust_remote_code=False).eval()
-    worst, same, total = 0.0, 0, 0
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False).eval()
+    out = []
     with torch.no_grad():
         for row in rows:
             ids = tokenizer.apply_chat_template(row["messages"], return_tensors="pt", return_dict=True)["input_ids"]
-            a, b = ref(ids).logits[0], back(ids).logits[0]
+            out.append((ids, model(ids).logits[0]))
+    return out
+
+
+def agreement(gguf_dir: Path, gguf_name: str, ref: list[tuple]) -> dict:
+    """The GGUF file read back by transformers against the safetensors model's logits on the same token ids: the
+    largest logit difference and how often both pick the same next token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    back = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, trust_remote_code=False).eval()
+    worst, same, total = 0.0, 0, 0
+    with torch.no_grad():
+        for ids, a in ref:
+            b = back(ids).logits[0]
             worst = max(worst, (a - b).abs().max().item())
             same += int((a.argmax(-1) == b.argmax(-1)).sum())
             total += a.shape[0]
@@ -59,6 +71,7 @@ def run(cfg: ExportConfig, *, quantize: Path, evaluate: Path, mix: Path, base: P
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     context = int(modelcard.read_json(folder / "config.json").get("max_position_embeddings", 0))
     rows = posttrain_data.conversations("test", cfg.verify_conversations, cfg.seed) if cfg.verify_conversations else []
+    ref = reference(folder, tokenizer, rows) if rows else []
     files = []
     (out / "gguf").mkdir()
     for kind in cfg.types:
@@ -68,7 +81,7 @@ def run(cfg: ExportConfig, *, quantize: Path, evaluate: Path, mix: Path, base: P
         info.update(file=file, seconds=round(time.perf_counter() - start, 2),
                     size_ratio=round(info["bytes"] / weight_bytes(folder), 4))
         if rows:
-            info.update(agreement(folder, out, file, tokenizer, rows))
+            info.update(agreement(out, file, ref))
         print(f"export: {file} {info['bytes'] / 2**20:.2f} MiB" + (f", logits within {info['max_abs_logit_diff']:.3g}, "
               f"same next token {info['top1_agreement']:.1%}" if rows else ""), file=sys.stderr)
         files.append(info)
