@@ -46,7 +46,7 @@ HEADLINES = {
     "ppo": ["gt_accuracy_before", "gt_accuracy", "rm_score", "kl_ref"],
     "dpo": ["gt_accuracy_before", "gt_accuracy", "pref_accuracy", "kl_ref"],
     "grpo": ["gt_accuracy_before", "gt_accuracy", "rm_score", "kl_ref"],
-    "quantize": ["policy", "int8.size_ratio", "nf4.size_ratio"],
+    "quantize": ["policy", "int8.size_ratio", "nf4.size_ratio", "gptq.loss_vs_rtn", "qat.loss_vs_rtn"],
     "evaluate": ["gate.passed"],
     "export": ["policy", "q8_0.size_ratio", "q8_0.top1_agreement"],
 }

@@ -155,6 +155,11 @@ def section_quantize(r: Report) -> str | None:
             text += (f"\n\n{variant}: {m['kept_for_cpu_kernel']} layer(s) kept in full precision because bitsandbytes' "
                      f"packed AVX512-BF16 CPU kernel cannot take their shape ({m.get('lowbit_param_share', 0):.0%} of the "
                      "parameters are low-bit); `quantize.nf4_unpackable: quantize` converts them too.")
+    kept = [f"{method} {metrics[method]['loss_vs_rtn']:.0%}" for method in ("gptq", "qat")
+            if isinstance(metrics.get(method), dict) and metrics[method].get("loss_vs_rtn") is not None]
+    if kept:
+        text += ("\n\nAt 4 bits, share of round-to-nearest's held-out loss (log perplexity over fp32) that remains "
+                 f"after calibration or training (one grid, one format; lower is better): {', '.join(kept)}.")
 
     def draw(ax):
         for x in rows:
@@ -206,7 +211,7 @@ def section_evaluate(r: Report) -> str | None:
             ax.set_xticks([j + 0.4 - width / 2 for j in range(len(scores))], scores, fontsize=8)
             ax.set_ylabel("score (95% interval; dashed: chance)")
             ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # headroom, so the legend covers no bar
-            ax.legend(fontsize=7, ncol=len(variants), loc="upper center")
+            ax.legend(fontsize=7, ncol=min(len(variants), 6), loc="upper center")
         text += r.plot("evaluate_scores", draw, "Benchmarks by variant (higher is better)")
     bits = [m for m in metrics if m.endswith(scorecard.BITS)]
     base = table["rows"].get("base", {})

@@ -118,7 +118,7 @@ def count_layers(model) -> dict[str, int]:
         kind = type(module).__name__
         if kind == "Linear8bitLt":
             counts["int8"] += 1
-        elif kind == "Linear4bit":
+        elif kind == "Linear4bit" or hasattr(module, "weight_packed"):  # bitsandbytes, compressed-tensors int4
             counts["4bit"] += 1
         elif isinstance(module, torch.nn.Linear):
             counts["full"] += 1

@@ -86,7 +86,8 @@ def weight_bytes(model_dir: str | Path) -> int:
 
 
 def is_quantized(model) -> bool:
-    return any(type(m).__name__ in LOWBIT_LAYERS for m in model.modules())
+    """bitsandbytes layers, or compressed-tensors' packed int4 weights (lmforge.compress)."""
+    return any(type(m).__name__ in LOWBIT_LAYERS or hasattr(m, "weight_packed") for m in model.modules())
 
 
 def ready_lowbit(model, device_type: str, training: bool = False):

@@ -1,8 +1,12 @@
-"""quantize: post-training quantisation of the chosen policy with bitsandbytes, and what it costs.
+"""quantize: low-bit variants of the chosen policy, by the methods the field compares, and what each costs.
 
-Writes one folder per method (`int8`: LLM.int8(), `nf4`: 4-bit NormalFloat), each a plain HF model
-dir: its config.json carries the `quantization_config`, so `AutoModelForCausalLM.from_pretrained(dir)`
-loads it quantised with no extra argument (bitsandbytes must be installed). Every variant, the
+Writes one folder per method, each a plain HF model dir whose config.json carries its `quantization_config`,
+so `AutoModelForCausalLM.from_pretrained(dir)` loads it quantised with no extra argument:
+- post-training, no data (bitsandbytes must be installed to load): `int8` (LLM.int8()), `nf4` (4-bit NormalFloat);
+- int4 with per-group scales as compressed-tensors (the package must be installed; vLLM loads them too), made
+  by lmforge/compress.py: `rtn` (round-to-nearest, no data), `gptq` (calibrated on train-split windows) and
+  `qat` (quantisation-aware training towards the policy's own outputs, then packed like rtn). rtn, gptq and
+  qat share one format and grid, so their differences are the methods' alone. Every variant, the
 fp32 source included, is measured the same way: weight bytes on disk, memory footprint, perplexity
 on the same held-out tokens, and greedy generation speed on the current device. `tradeoff.csv`
 holds the figures and their ratios to fp32 for plots.
@@ -23,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from lmforge import lowbit
+from lmforge import compress, lowbit
 from lmforge.config import POLICIES, QuantizeConfig
 from lmforge.data.corpus import iter_texts, source_names
 from lmforge.models import NOT_WRITTEN, check_model_dir, is_quantized, load_causal_lm, weight_bytes
@@ -35,7 +39,8 @@ from lmforge.stage import META_FILE, cli, read_json, write_meta
 SELECT_KEYS = {"sft": "final_accuracy", "lora": "final_accuracy", "ppo": "gt_accuracy", "dpo": "gt_accuracy",
                "grpo": "gt_accuracy"}
 
-BITS = {"fp32": 32, "int8": 8, "nf4": 4}
+BITS = {"fp32": 32, "int8": 8, "nf4": 4, "rtn": 4, "gptq": 4, "qat": 4}
+BNB = ("int8", "nf4")  # bitsandbytes; the others are lmforge.compress's int4 methods
 CSV_FIELDS = ("variant", "bits", "size_bytes", "memory_footprint_bytes", "perplexity", "tokens_per_s",
               "size_ratio", "footprint_ratio", "ppl_ratio", "speed_ratio")
 
@@ -122,7 +127,7 @@ def plan_skips(model, method: str, cfg: QuantizeConfig) -> tuple[list[str], list
     from transformers.quantizers.base import get_keys_to_not_convert
 
     skip = list(cfg.skip_modules) or get_keys_to_not_convert(model)  # default: the output head
-    if method != "nf4" or cfg.nf4_unpackable == "quantize":
+    if method != "nf4" or cfg.nf4_unpackable == "quantize":  # int8 and the int4 methods take any shape
         return skip, []
     odd = lowbit.unpackable_linears(model, skip)
     return skip + odd, odd
@@ -153,6 +158,28 @@ def write_tradeoff(path: Path, rows: dict[str, dict]) -> None:
         writer.writeheader()
         for variant, m in rows.items():
             writer.writerow({"variant": variant, **{k: m.get(k) for k in CSV_FIELDS[1:]}})
+
+
+def int4_variants(cfg: QuantizeConfig, source: Path, out: Path, tokenizer, corpus: Path, window: int,
+                  tracker) -> dict[str, dict]:
+    """rtn, gptq and qat folders (those in quantize.methods) in one run of lmforge.compress; {method: figures}.
+    Calibration and training windows come from the train split, so the held-out text that measures every
+    variant stays unseen by all of them."""
+    jobs = {m: out / m for m in cfg.methods if m in compress.METHODS}
+    if not jobs:
+        return {}
+    calibration = compress.windows(corpus, tokenizer, "train", window, cfg.gptq_windows) if "gptq" in jobs else None
+    train = (compress.windows(corpus, tokenizer, "train", window, cfg.qat_steps * cfg.qat_batch_size)
+             if "qat" in jobs else None)
+    qat = {"steps": cfg.qat_steps, "batch_size": cfg.qat_batch_size, "lr": cfg.qat_lr,
+           "log_every": max(1, cfg.qat_steps // 20)}
+    figures = compress.run(jobs, source, group_size=cfg.int4_group_size, ignore=list(cfg.skip_modules),
+                           seed=cfg.qat_seed, calibration=calibration, train=train, qat=qat,
+                           dampening=cfg.gptq_dampening, num_threads=cfg.num_threads,
+                           on_step=lambda step, kl: tracker.log_metrics({"qat_kl": kl}, step=step))
+    for folder in jobs.values():
+        tokenizer.save_pretrained(folder)
+    return figures
 
 
 # ------------------------------------------------------------------------------------------ choice
@@ -190,7 +217,7 @@ def run_chosen(cfg: QuantizeConfig, *, corpus: Path, out: Path, tracker, **polic
 
 # -------------------------------------------------------------------------------------------- stage
 def run(cfg: QuantizeConfig, *, model: Path, corpus: Path, out: Path, tracker) -> dict:
-    """Quantise a policy to int8 and nf4 with bitsandbytes; measure size, memory, perplexity and speed."""
+    """Write the policy's low-bit variants (quantize.methods); measure size, memory, perplexity and speed."""
     import json
 
     import torch
@@ -209,8 +236,16 @@ def run(cfg: QuantizeConfig, *, model: Path, corpus: Path, out: Path, tracker) -
     metrics: dict[str, dict] = {}
     fp32 = load_causal_lm(source, device, dtype=torch.float32)
     metrics["fp32"] = {"bits": 32, **measure(fp32, source, tokenizer, tokens, cfg)}
+    context = int(getattr(fp32.config, "max_position_embeddings", 0) or cfg.window_tokens)
     plans = {method: plan_skips(fp32, method, cfg) for method in cfg.methods}
     shares = {method: lowbit_share(fp32, plans[method][0]) for method in cfg.methods}
+    if any(m in compress.METHODS for m in cfg.methods):
+        uneven = [n for n, mod in fp32.named_modules() if isinstance(mod, torch.nn.Linear)
+                  and not lowbit.skipped(n, cfg.skip_modules) and mod.in_features % cfg.int4_group_size]
+        if uneven:
+            raise InputError(f"quantize: int4_group_size {cfg.int4_group_size} does not divide the input width of "
+                             f"{', '.join(uneven[:3])}{', ...' if len(uneven) > 3 else ''}; pick a divisor of every "
+                             "width, or leave rtn/gptq/qat out of quantize.methods")
     _free(fp32)
     print(f"quantize: fp32 {metrics['fp32']}", file=sys.stderr)
     for method, (_, odd) in plans.items():
@@ -224,25 +259,33 @@ def run(cfg: QuantizeConfig, *, model: Path, corpus: Path, out: Path, tracker) -
                   f"bitsandbytes' packed AVX512-BF16 CPU kernel ({', '.join(odd[:4])}{', ...' if len(odd) > 4 else ''}; "
                   "quantize.nf4_unpackable: quantize converts them anyway)", file=sys.stderr)
 
-    for method in cfg.methods:
+    built = {m: 0.0 for m in cfg.methods}
+    for method in [m for m in cfg.methods if m in BNB]:
         start = time.perf_counter()
         skip, odd = plans[method]
         qconfig = lowbit.bnb_config(method, skip=skip, compute_dtype=cfg.compute_dtype, double_quant=cfg.double_quant,
                                     int8_threshold=cfg.int8_threshold)
         quantized = load_causal_lm(source, device, dtype=torch.float32, quantization_config=qconfig)
-        target = out / method
-        quantized.save_pretrained(target)
-        tokenizer.save_pretrained(target)
+        quantized.save_pretrained(out / method)
+        tokenizer.save_pretrained(out / method)
         _free(quantized)
-        seconds = time.perf_counter() - start
+        built[method] = time.perf_counter() - start
+    extra = int4_variants(cfg, source, out, tokenizer, corpus, min(cfg.window_tokens, context), tracker)
+    for method, figures in extra.items():
+        built[method] = figures.pop("seconds")
+
+    for method in cfg.methods:
+        skip, odd = plans[method]
+        target = out / method
         # measure what was saved: the folder must load quantised with no extra argument
         reloaded = load_causal_lm(target, device)
         if not is_quantized(reloaded):
-            raise RuntimeError(f"{target} reloaded without bitsandbytes layers; its quantization_config was not applied")
+            raise RuntimeError(f"{target} reloaded with no low-bit layers; its quantization_config was not applied")
         layers = lowbit.count_layers(reloaded)
-        m = {"bits": BITS[method], **measure(reloaded, target, tokenizer, tokens, cfg), "quantize_s": round(seconds, 2),
-             "lowbit_layers": layers["int8"] + layers["4bit"], "full_precision_layers": layers["full"],
-             "kept_for_cpu_kernel": len(odd), "lowbit_param_share": shares[method]}
+        m = {"bits": BITS[method], **measure(reloaded, target, tokenizer, tokens, cfg),
+             "quantize_s": round(built[method], 2), "lowbit_layers": layers["int8"] + layers["4bit"],
+             "full_precision_layers": layers["full"], "kept_for_cpu_kernel": len(odd),
+             "lowbit_param_share": shares[method], **extra.get(method, {})}
         _free(reloaded)
         metrics[method] = m
         print(f"quantize: {method} {m}", file=sys.stderr)
@@ -253,11 +296,17 @@ def run(cfg: QuantizeConfig, *, model: Path, corpus: Path, out: Path, tracker) -
         m["footprint_ratio"] = round(m["memory_footprint_bytes"] / base["memory_footprint_bytes"], 4)
         m["ppl_ratio"] = round(m["perplexity"] / base["perplexity"], 4)
         m["speed_ratio"] = round(m["tokens_per_s"] / base["tokens_per_s"], 4)
+    for baseline in ("rtn", "nf4"):  # what a method keeps of the loss of post-training rounding at 4 bits
+        lost = math.log(metrics[baseline]["perplexity"] / base["perplexity"]) if baseline in metrics else 0.0
+        for method in ("gptq", "qat"):
+            if method in metrics and lost > 0:
+                own = math.log(metrics[method]["perplexity"] / base["perplexity"])
+                metrics[method][f"loss_vs_{baseline}"] = round(own / lost, 4)
     for method in cfg.methods:
         write_meta(out / method, "quantize", cfg, metrics[method], inputs, method=method, device=device.type,
                    heldout_tokens=len(tokens), full_precision_modules=plans[method][0],
                    kept_for_cpu_kernel=plans[method][1])
-    for method in sorted(set(BITS) - {"fp32"} - set(cfg.methods)):
+    for method in [m for m in BITS if m != "fp32" and m not in cfg.methods]:
         # dvc.yaml declares both folders: a left-out method gets a marker in place of its old (now stale) model,
         # and loaders (lmforge/models.py) refuse the folder in one line that says why
         (out / method).mkdir()

@@ -17,6 +17,13 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[1]
 FIRST_PARTY = {"lmforge", "tasks", "flows", "infra", "bench", "tests"}
 EXTRAS = {"lmforge": (), "tasks": (), "flows": (), "infra": ("team",), "bench": ("bench",), "tests": ("dev", "team")}
+# scripts that run in an environment of their own: their imports must be pinned in its constraints file
+OWN_ENV = {"lmforge/compress_worker.py": "infra/constraints-compress.txt"}
+
+
+def pinned(constraints: Path) -> set[str]:
+    return {canonicalize_name(Requirement(line).name) for line in constraints.read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
 
 
 def _optional(node: ast.Try) -> bool:
@@ -69,6 +76,13 @@ def undeclared(root: Path = ROOT, pyproject: dict | None = None) -> list[str]:
         for path in sorted((root / folder).rglob("*.py")):
             if any(part.startswith(".") for part in path.relative_to(root).parts):
                 continue  # infra/.venv-s3 (moto's own venv), infra/.stack
+            rel = str(path.relative_to(root))
+            if rel in OWN_ENV:
+                own = pinned(root / OWN_ENV[rel])
+                problems += [f"{rel}:{line} imports {name}, not pinned in {OWN_ENV[rel]}"
+                             for name, line in imported(path).items() if name not in sys.stdlib_module_names
+                             and canonicalize_name(name) not in own]
+                continue
             for name, line in imported(path).items():
                 if name in sys.stdlib_module_names or name in FIRST_PARTY or name in local:
                     continue

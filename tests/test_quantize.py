@@ -12,7 +12,9 @@ from lmforge.config import QuantizeConfig
 from lmforge.errors import InputError
 from lmforge.stage import execute
 
-TINY = dict(ppl_tokens=512, batch_size=4, gen_tokens=4, gen_repeats=1, num_threads=1)
+TINY = dict(ppl_tokens=512, batch_size=4, gen_tokens=4, gen_repeats=1, num_threads=1, qat_steps=10, qat_batch_size=4,
+            gptq_windows=8, window_tokens=64)
+INT4 = ("rtn", "gptq", "qat")
 
 
 class RecordingTracker(tracking.NullTracker):
@@ -35,15 +37,24 @@ def quantized(tiny_model_dir, tiny_corpus, tmp_path_factory):
     return out, metrics, tracker
 
 
-@pytest.mark.parametrize("method, layer", [("int8", "Linear8bitLt"), ("nf4", "Linear4bit")])
+@pytest.mark.parametrize("method, layer", [("int8", "Linear8bitLt"), ("nf4", "Linear4bit"), ("rtn", None),
+                                           ("gptq", None), ("qat", None)])
 def test_variant_loads_quantised_with_plain_transformers(quantized, tiny_model_dir, method, layer):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out, metrics, _ = quantized
     folder = out / method
-    assert json.loads((folder / "config.json").read_text())["quantization_config"]["quant_method"] == "bitsandbytes"
+    qconfig = json.loads((folder / "config.json").read_text())["quantization_config"]
     model = AutoModelForCausalLM.from_pretrained(folder)  # no quantization_config passed: config.json carries it
-    assert any(type(m).__name__ == layer for m in model.modules())
+    if layer:
+        assert qconfig["quant_method"] == "bitsandbytes"
+        assert any(type(m).__name__ == layer for m in model.modules())
+    else:  # int4, 64 columns per scale, packed 8 to an int32: the format vLLM loads
+        assert qconfig["quant_method"] == "compressed-tensors" and qconfig["format"] == "pack-quantized"
+        weights = qconfig["config_groups"]["group_0"]["weights"]
+        assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (4, 64, True)
+        packed = [p for n, p in model.named_parameters() if n.endswith("weight_packed")]
+        assert len(packed) == metrics[method]["lowbit_layers"] > 0 and all(p.dtype == torch.int32 for p in packed)
     assert models.weight_bytes(folder) < models.weight_bytes(tiny_model_dir)
     assert model.get_memory_footprint() < AutoModelForCausalLM.from_pretrained(tiny_model_dir).get_memory_footprint()
 
@@ -72,8 +83,15 @@ def test_metrics_and_tradeoff_table(quantized):
     assert 0.9 < int8["ppl_ratio"] < 1.1 and 0.8 < nf4["ppl_ratio"] < 1.25
     assert metrics["heldout_tokens"] == TINY["ppl_tokens"]
 
+    rtn, gptq, qat = (metrics[m] for m in INT4)
+    assert rtn["size_bytes"] == gptq["size_bytes"] == qat["size_bytes"] < int8["size_bytes"]  # one format, one grid
+    assert rtn["lowbit_layers"] == nf4["lowbit_layers"]  # every linear layer but the output head
+    assert qat["qat_steps"] == TINY["qat_steps"] and qat["qat_tokens"] == 10 * 4 * 64
+    assert 0 < qat["qat_kl_last"] < 1 and 0.8 < qat["ppl_ratio"] < 1.25 and 0.8 < gptq["ppl_ratio"] < 1.25
+    assert any("qat_kl" in m for m in tracker.logged)  # QAT's curve, step by step
+
     rows = list(csv.DictReader((out / "tradeoff.csv").open()))
-    assert [r["variant"] for r in rows] == ["fp32", "int8", "nf4"]
+    assert [r["variant"] for r in rows] == ["fp32", "int8", "nf4", *INT4]
     assert float(rows[2]["size_ratio"]) == nf4["size_ratio"]
     assert json.loads((out / "metrics.json").read_text())["int8"]["bits"] == 8
     assert any(p.endswith("tradeoff.csv") for p in tracker.artifacts)

@@ -105,16 +105,22 @@ def test_the_reward_model_scores_with_the_base_backbone(chain):
 
 def test_quantize_and_evaluate_run_on_the_real_model(chain, tiny_corpus):
     out, m = chain
-    q = execute("quantize", quantize.run, _cfg("quantize", ppl_tokens=256, gen_tokens=4, gen_repeats=1, batch_size=2),
+    q = execute("quantize", quantize.run, _cfg("quantize", ppl_tokens=256, gen_tokens=4, gen_repeats=1, batch_size=2,
+                                               gptq_windows=4, window_tokens=64, qat_steps=2, qat_batch_size=2),
                 out / "quantize", {"model": out / "sft/model", "corpus": tiny_corpus}, tracker=NullTracker())
     assert q["nf4"]["size_ratio"] < 0.5 and q["int8"]["size_ratio"] < 0.6
-    e = execute("evaluate", evaluate.run, _cfg("evaluate", variants=["base", "sft", "nf4"], mc_questions=8,
+    for method in ("rtn", "gptq", "qat"):  # int4 on the real weights: ~1/4 of the linear layers' bytes, still a model
+        assert q[method]["size_ratio"] < 0.5 and q[method]["lowbit_layers"] == 30 * 7
+        assert q[method]["ppl_ratio"] < 1.5, (method, q[method])
+    e = execute("evaluate", evaluate.run, _cfg("evaluate", variants=["base", "sft", "nf4", "gptq", "qat"], mc_questions=8,
                                                gen_questions=8, cloze_items=8, ppl_docs=2, batch_size=8,
                                                cloze_source="prose"),
-                out / "evaluate", {"corpus": tiny_corpus}, extra={"base": out / "pretrain/model", "sft": out / "sft/model",
-                                                                   "nf4": out / "quantize/nf4"}, tracker=NullTracker())
+                out / "evaluate", {"corpus": tiny_corpus},
+                extra={"base": out / "pretrain/model", "sft": out / "sft/model", **{m: out / "quantize" / m for m in
+                                                                                    ("nf4", "gptq", "qat")}},
+                tracker=NullTracker())
     table = json.loads((out / "evaluate/table.json").read_text())
-    assert set(table["rows"]) == {"base", "sft", "nf4"} and e
+    assert set(table["rows"]) == {"base", "sft", "nf4", "gptq", "qat"} and e
     for row in table["rows"].values():  # a real model predicts held-out text far better than a uniform guess
         assert 0 < row["ppl_prose.bits_per_byte"] < 2 and 0 <= row["arith_gen.exact_match"] <= 1
 

@@ -15,7 +15,11 @@ class QuantizeConfig(Section):
         "best", "policy to quantise and hand on: best = highest held-out exact match among the policy stages' own "
         "measurements (the same items for each; ties go to the earlier stage), or a stage's name"
     )
-    methods: list[Literal["int8", "nf4"]] = F(["int8", "nf4"], "bitsandbytes variants to write: int8 = LLM.int8(), nf4 = 4-bit NormalFloat")
+    methods: list[Literal["int8", "nf4", "rtn", "gptq", "qat"]] = F(
+        ["int8", "nf4", "rtn", "gptq", "qat"],
+        "variants to write: int8 = LLM.int8(), nf4 = 4-bit NormalFloat (bitsandbytes, no data); rtn = int4 "
+        "round-to-nearest, gptq = int4 GPTQ calibrated on train windows, qat = int4 after quantisation-aware "
+        "training (llmcompressor/torchao, compressed-tensors folders; rtn is their no-data baseline)")
     double_quant: bool = F(True, "nf4: quantise the per-block scales too (double quantisation, ~0.4 bit/param less)")
     compute_dtype: Literal["fp32", "bf16", "fp16"] = F("fp32", "nf4: dtype the dequantised weights are multiplied in")
     int8_threshold: float = F(6.0, "int8: activation outlier threshold kept in fp16 (LLM.int8 decomposition); 0 = pure int8", ge=0)
@@ -25,6 +29,14 @@ class QuantizeConfig(Section):
         "out_features % 32 not 0): keep = full precision, the folder runs on any machine with plain transformers; "
         "quantize = 4-bit anyway (GPUs, other CPUs, and lmforge's own loaders everywhere)"
     )
+    int4_group_size: int = F(64, "rtn/gptq/qat: weight columns sharing one scale (nf4's block is 64 too)", gt=0)
+    window_tokens: int = F(128, "gptq/qat: tokens per calibration or training window (capped at the model's context)", gt=1)
+    gptq_windows: int = F(64, "gptq: calibration windows from the mix's train split (held-out text stays unseen)", gt=0)
+    gptq_dampening: float = F(0.01, "gptq: share of the Hessian's mean diagonal added to it", ge=0)
+    qat_steps: int = F(100, "qat: optimiser steps of fake-quantised training towards the full-precision outputs", gt=0)
+    qat_batch_size: int = F(8, "qat: windows per step (train split)", gt=0)
+    qat_lr: float = F(1e-4, "qat: peak learning rate (AdamW, warm-up then cosine)", gt=0)
+    qat_seed: int = F(0, "qat: seed for window order")
     ppl_tokens: int = F(8192, "held-out tokens (val split, equal share per source) for perplexity; the same for every variant", gt=0)
     batch_size: int = F(8, "sequences per forward pass when measuring perplexity", gt=0)
     gen_prompt: str = F("The ", "fixed prompt for the generation-speed measurement")
@@ -36,8 +48,8 @@ class QuantizeConfig(Section):
 
 class EvaluateConfig(Section):
     seed: int = F(0, "seed for sampling the benchmark items")
-    variants: list[Literal["base", "sft", "lora", "ppo", "dpo", "grpo", "int8", "nf4"]] = F(
-        ["base", "sft", "lora", "ppo", "dpo", "grpo", "int8", "nf4"], "models to compare; only these need to exist (dvc.yaml passes each as --<variant> DIR)"
+    variants: list[Literal["base", "sft", "lora", "ppo", "dpo", "grpo", "int8", "nf4", "rtn", "gptq", "qat"]] = F(
+        ["base", "sft", "lora", "ppo", "dpo", "grpo", "int8", "nf4", "rtn", "gptq", "qat"], "models to compare; only these need to exist (dvc.yaml passes each as --<variant> DIR)"
     )
     tasks: list[Literal["arith_mc", "arith_gen", "cloze", "heldout_ppl"]] = F(
         ["arith_mc", "arith_gen", "cloze", "heldout_ppl"], "built-in lm-eval benchmarks over local held-out data"
@@ -62,7 +74,7 @@ class EvaluateConfig(Section):
     allow_network: bool = F(False, "let extra tasks download datasets; off: HF offline mode, only locally cached data")
     extra_timeout_s: float = F(120.0, "give up on an extra task whose data takes longer than this to load", gt=0)
     gate_metric: str = F("arith_gen.exact_match", "quality gate: table column (<task>.<metric>) compared with base")
-    gate_variant: Literal["base", "sft", "lora", "ppo", "dpo", "grpo", "int8", "nf4"] = F(
+    gate_variant: Literal["base", "sft", "lora", "ppo", "dpo", "grpo", "int8", "nf4", "rtn", "gptq", "qat"] = F(
         "grpo", "quality gate: variant that must beat base"
     )
     min_gain_over_base: float | None = F(
