@@ -40,6 +40,7 @@ HEADLINES = {
     "mix": ["total.docs_train", "total.chars_train"],
     "tokenizer": ["bytes_per_token.overall", "vocab_used_val"],
     "pretrain": ["n_params", "initial_val_loss", "final_val_loss", "tokens_per_s"],
+    "distill": ["bits_per_byte.teacher", "bits_per_byte.student", "bits_per_byte.control"],
     "sft": ["base_accuracy", "final_accuracy"],
     "lora": ["final_accuracy", "trainable_share"],
     "reward": ["test_accuracy", "gt_agreement"],

@@ -216,7 +216,7 @@ def section_evaluate(r: Report) -> str | None:
     bits = [m for m in metrics if m.endswith(scorecard.BITS)]
     base = table["rows"].get("base", {})
     if bits and all(base.get(m) for m in bits):
-        others = [v for v in variants if v != "base"]
+        others = [v for v in variants if v != "base" and v not in scorecard.NOT_FROM_BASE]
         limit, forgot = table.get("forgetting_limit"), table.get("forgetting") or {}
 
         def draw_forgetting(ax):
@@ -336,7 +336,35 @@ def section_alignment(r: Report) -> str | None:
     return text
 
 
-SECTIONS = [section_mix, section_tokenizer, section_pretrain, section_finetune, section_reward, section_alignment,
+def section_distill(r: Report) -> str | None:
+    m = _metrics(r.out, "distill")
+    if not m or not m.get("teacher"):
+        return None
+    sources = list(m.get("student") or {})
+    gains = m.get("gain_over_control") or {}
+    text = (f"## Distillation\n\nA student of {m['student_params'] / 1e6:.1f}M parameters learnt from `{m['teacher']}` "
+            f"({m['teacher_params'] / 1e6:.0f}M) for {m['tokens']:,} tokens; the control is the same network from the "
+            "same weights on the same batches without the teacher. Held-out bits per byte (lower is better); the "
+            "student's gain over the control with its 95% paired interval:\n\n")
+    text += _table(["source", "teacher", "student", "control", "gain over control"],
+                   [[s, m["teacher"][s]["bits_per_byte"], m["student"][s]["bits_per_byte"],
+                     (m.get("control") or {}).get(s, {}).get("bits_per_byte"),
+                     describe(gains[s]) if s in gains else None] for s in sources])
+    curves = _csv(r.out / "distill" / "curves.csv")
+    if curves:
+        def draw(ax):
+            steps = [c["step"] for c in curves]
+            ax.plot(steps, [c["student_ce"] for c in curves], label="student (with teacher)")
+            if "control_ce" in curves[0]:
+                ax.plot(steps, [c["control_ce"] for c in curves], label="control (data alone)")
+            ax.set_xlabel("step")
+            ax.set_ylabel("training cross-entropy (nats/token)")
+            ax.legend(fontsize=8)
+        text += r.plot("distill_curves", draw, "Distillation: the student against its control")
+    return text
+
+
+SECTIONS = [section_mix, section_tokenizer, section_pretrain, section_distill, section_finetune, section_reward, section_alignment,
             section_ppo, section_quantize, section_evaluate]
 
 

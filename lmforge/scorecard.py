@@ -22,13 +22,18 @@ def intervals(items: dict[str, dict[str, dict]], seed: int) -> dict[str, dict[st
             for v, scores in items.items()}
 
 
+NOT_FROM_BASE = ("distill",)  # variants not trained from base (the distilled student starts from scratch)
+
+
 def forgetting(rows: dict[str, dict[str, float]], limit: float) -> dict[str, dict[str, float]]:
-    """{variant: {ppl_<source>.bits_per_byte: ratio to base}} for every source where the ratio exceeds `limit`."""
+    """{variant: {ppl_<source>.bits_per_byte: ratio to base}} for every source where the ratio exceeds `limit`,
+    among the variants trained from base."""
     base = rows.get("base", {})
     out: dict[str, dict[str, float]] = {}
     for variant, row in rows.items():
         for metric, value in row.items():
-            if variant != "base" and metric.endswith(BITS) and base.get(metric) and value is not None:
+            if (variant != "base" and variant not in NOT_FROM_BASE and metric.endswith(BITS) and base.get(metric)
+                    and value is not None):
                 ratio = value / base[metric]
                 if ratio > limit:
                     out.setdefault(variant, {})[metric] = round(ratio, 3)

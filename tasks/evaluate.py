@@ -1,6 +1,7 @@
 """evaluate: every model variant on the same benchmarks, through lm-eval, into one comparison table.
 
-Variants: base (pretrain), sft, lora (merged), ppo, dpo, grpo, and quantize's int8, nf4, rtn, gptq and qat. dvc.yaml passes each
+Variants: base (pretrain), sft, lora (merged), ppo, dpo, grpo, quantize's int8, nf4, rtn,
+gptq and qat, and distill (the student). dvc.yaml passes each
 folder as `--<variant> DIR`; only those named in `evaluate.variants` must exist. Benchmarks are
 lm-eval tasks over local held-out data (lmforge/lm_eval_tasks): arith_mc, arith_gen, cloze and one
 rolling-perplexity task per corpus source, run in-process with `simple_evaluate` on the loaded
@@ -48,7 +49,7 @@ VARIANTS: tuple[str, ...] = get_args(get_args(EvaluateConfig.model_fields["varia
 VARIANT_DIRS = {"base": "out/pretrain/model", "sft": "out/sft/model", "lora": "out/lora/model",
                 "ppo": "out/ppo/model", "dpo": "out/dpo/model", "grpo": "out/grpo/model", "int8": "out/quantize/int8",
                 "nf4": "out/quantize/nf4", "rtn": "out/quantize/rtn", "gptq": "out/quantize/gptq",
-                "qat": "out/quantize/qat"}
+                "qat": "out/quantize/qat", "distill": "out/distill/model"}
 
 
 class QualityGateError(InputError):

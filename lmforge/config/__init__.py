@@ -17,13 +17,13 @@ from lmforge.config.base import (POLICIES, SECTION_NAMES, SHARED, STAGES, TRAINI
                                  TrainingSection)
 from lmforge.config.data import MixConfig, SourceConfig, TokenizerConfig
 from lmforge.config.evaluation import EvaluateConfig, ExportConfig, QuantizeConfig, ServeConfig
-from lmforge.config.training import (BaseConfig, DpoConfig, GrpoConfig, LaunchConfig, LoraConfig, PpoConfig, PretrainConfig,
+from lmforge.config.training import (BaseConfig, DistillConfig, DpoConfig, GrpoConfig, LaunchConfig, LoraConfig, PpoConfig, PretrainConfig,
                                      RewardConfig, SftConfig)
 from lmforge.errors import ConfigError
 
 __all__ = [
     "STAGES", "SHARED", "SECTION_NAMES", "TRAINING_STAGES", "POLICIES", "SECTIONS", "Section", "TrainingSection",
-    "SourceConfig", "MixConfig", "BaseConfig", "TokenizerConfig", "PretrainConfig", "SftConfig", "LoraConfig", "RewardConfig",
+    "SourceConfig", "MixConfig", "BaseConfig", "TokenizerConfig", "PretrainConfig", "DistillConfig", "SftConfig", "LoraConfig", "RewardConfig",
     "PpoConfig", "DpoConfig", "GrpoConfig", "QuantizeConfig", "EvaluateConfig", "ExportConfig", "LaunchConfig", "ServeConfig",
     "parse_section", "read_yaml", "load_params", "load_stage",
 ]
@@ -33,6 +33,7 @@ SECTIONS: dict[str, type[Section]] = {
     "base": BaseConfig,
     "tokenizer": TokenizerConfig,
     "pretrain": PretrainConfig,
+    "distill": DistillConfig,
     "sft": SftConfig,
     "lora": LoraConfig,
     "reward": RewardConfig,

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-STAGES = ("mix", "base", "tokenizer", "pretrain", "sft", "lora", "reward", "ppo", "dpo", "grpo", "quantize", "evaluate", "export")
+STAGES = ("mix", "base", "tokenizer", "pretrain", "distill", "sft", "lora", "reward", "ppo", "dpo", "grpo", "quantize", "evaluate", "export")
 SHARED = ("launch", "serve")  # sections that are not stages: read by commands beside them, tracked by none
 SECTION_NAMES = STAGES + SHARED
 TRAINING_STAGES = ("pretrain", "sft", "lora", "reward", "ppo", "dpo", "grpo")

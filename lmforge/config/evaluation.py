@@ -48,8 +48,8 @@ class QuantizeConfig(Section):
 
 class EvaluateConfig(Section):
     seed: int = F(0, "seed for sampling the benchmark items")
-    variants: list[Literal["base", "sft", "lora", "ppo", "dpo", "grpo", "int8", "nf4", "rtn", "gptq", "qat"]] = F(
-        ["base", "sft", "lora", "ppo", "dpo", "grpo", "int8", "nf4", "rtn", "gptq", "qat"], "models to compare; only these need to exist (dvc.yaml passes each as --<variant> DIR)"
+    variants: list[Literal["base", "sft", "lora", "ppo", "dpo", "grpo", "int8", "nf4", "rtn", "gptq", "qat", "distill"]] = F(
+        ["base", "sft", "lora", "ppo", "dpo", "grpo", "int8", "nf4", "rtn", "gptq", "qat", "distill"], "models to compare; only these need to exist (dvc.yaml passes each as --<variant> DIR)"
     )
     tasks: list[Literal["arith_mc", "arith_gen", "cloze", "heldout_ppl"]] = F(
         ["arith_mc", "arith_gen", "cloze", "heldout_ppl"], "built-in lm-eval benchmarks over local held-out data"
@@ -74,7 +74,7 @@ class EvaluateConfig(Section):
     allow_network: bool = F(False, "let extra tasks download datasets; off: HF offline mode, only locally cached data")
     extra_timeout_s: float = F(120.0, "give up on an extra task whose data takes longer than this to load", gt=0)
     gate_metric: str = F("arith_gen.exact_match", "quality gate: table column (<task>.<metric>) compared with base")
-    gate_variant: Literal["base", "sft", "lora", "ppo", "dpo", "grpo", "int8", "nf4", "rtn", "gptq", "qat"] = F(
+    gate_variant: Literal["base", "sft", "lora", "ppo", "dpo", "grpo", "int8", "nf4", "rtn", "gptq", "qat", "distill"] = F(
         "grpo", "quality gate: variant that must beat base"
     )
     min_gain_over_base: float | None = F(

