@@ -30,6 +30,8 @@ GROUPS: list[tuple[str, str, str, Callable]] = [
     ("quantize", "8", "Quantised generation vs fp32", records.quantize_rows),
     ("tests", "9", "Test suite (pytest -q), 2-core CPU", records.test_rows),
     ("serving", "10", "Export (GGUF) and serving (OpenAI-compatible API)", serving.serving_rows),
+    ("compression", "11", "Compression: QAT and GPTQ vs post-training rounding; distillation vs its control",
+     records.compression_rows),
 ]
 
 

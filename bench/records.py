@@ -117,6 +117,47 @@ def quantize_rows(ctx: Context) -> list[Row]:
     return rows
 
 
+def compression_rows(ctx: Context) -> list[Row]:
+    """4-bit methods against round-to-nearest and nf4 on the same grid and held-out tokens (quantize), and the
+    distilled student against its control (distill): both baselines come from the same stage run."""
+    import math
+
+    full_run = ctx._cache.get("lifecycle")
+    out = full_run[1] if full_run else ctx.records / "out"
+    rows = []
+    q_path = out / "quantize" / "metrics.json"
+    q = json.loads(q_path.read_text()) if q_path.exists() else {}
+    fp32 = (q.get("fp32") or {}).get("perplexity")
+
+    def lost(name: str) -> float | None:  # held-out log-perplexity over fp32, nats/token
+        ppl = (q.get(name) or {}).get("perplexity") if isinstance(q.get(name), dict) else None
+        return math.log(ppl / fp32) if ppl and fp32 else None
+
+    for method, target in (("qat", 0.5), ("gptq", None)):
+        for baseline in ("rtn", "nf4"):
+            ours, base = lost(method), lost(baseline)
+            if ours is None or base is None or base <= 0:
+                continue
+            m = q[method]
+            note = (f"held-out perplexity fp32 {fp32:.4g}, {baseline} {q[baseline]['perplexity']:.4g}, {method} "
+                    f"{m['perplexity']:.4g}; {method} took {m.get('quantize_s', 0):.0f} s; read from {q_path}")
+            rows.append(ratio_row("11", f"compression.{method}_vs_{baseline}",
+                                  f"{method} int4: held-out loss vs {baseline} (post-training)", ours, base,
+                                  "nats/token lost", baseline_name=baseline, at_most=target, note=note))
+    d_path = out / "distill" / "metrics.json"
+    d = json.loads(d_path.read_text()) if d_path.exists() else {}
+    bpb = d.get("bits_per_byte") or {}
+    if bpb.get("student") and bpb.get("control"):
+        note = (f"teacher {d['teacher']} {bpb.get('teacher')} bits/byte; {d.get('tokens')} tokens; teacher forward "
+                f"{d.get('teacher_s')} s, student {d.get('student_s')} s, control {d.get('control_s')} s; read from {d_path}")
+        rows.append(ratio_row("11", "compression.distill_vs_control", "Distilled student: held-out bits/byte vs "
+                              "its control (same size, steps, batches)", bpb["student"], bpb["control"], "bits/byte",
+                              baseline_name="control", note=note))
+    if not rows:
+        raise Skip(f"no quantize (rtn/gptq/qat) or distill metrics under {out}: run `make run` first")
+    return rows
+
+
 def test_rows(ctx: Context, previous: dict | None = None) -> list[Row]:
     if ctx.full:
         log(f"tests: pytest -q on {CPUS} CPUs (minutes)")

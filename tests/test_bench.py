@@ -59,6 +59,22 @@ def test_missing_stage_and_records_skip_with_a_note(ctx):
         records.quantize_rows(ctx)
 
 
+def test_compression_rows_compare_with_baselines_of_the_same_run(ctx):
+    with pytest.raises(core.Skip, match="make run"):
+        records.compression_rows(ctx)
+    out = ctx.records / "out"
+    (out / "quantize").mkdir(parents=True)
+    (out / "distill").mkdir()
+    ppl = {"fp32": 10.0, "nf4": 12.0, "rtn": 11.0, "gptq": 10.2, "qat": 10.4}
+    (out / "quantize/metrics.json").write_text(json.dumps({k: {"perplexity": v, "quantize_s": 1} for k, v in ppl.items()}))
+    (out / "distill/metrics.json").write_text(json.dumps({"teacher": "t", "bits_per_byte": {"student": 2.0, "control": 2.5}}))
+    rows = {r.key: r for r in records.compression_rows(ctx)}
+    qat = rows["compression.qat_vs_rtn"]  # log(10.4/10) over log(11/10): ~41% of rtn's loss remains
+    assert qat.value == pytest.approx(math.log(1.04) / math.log(1.1)) and qat.met is True and qat.target == "≤ 0.5×"
+    assert rows["compression.qat_vs_nf4"].value < qat.value and rows["compression.gptq_vs_rtn"].met is None
+    assert rows["compression.distill_vs_control"].value == pytest.approx(0.8)
+
+
 def test_steady_rate_starts_after_the_warm_up():
     recs = [(0.0, 1, {"n": 100}), (10.0, 2, {"n": 200}), (11.0, 3, {"n": 300}), (12.0, 4, {"x": 1}),
             (13.0, 5, {"n": 500})]
