@@ -4,7 +4,7 @@ Writes one folder per method, each a plain HF model dir whose config.json carrie
 so `AutoModelForCausalLM.from_pretrained(dir)` loads it quantised with no extra argument:
 - post-training, no data (bitsandbytes must be installed to load): `int8` (LLM.int8()), `nf4` (4-bit NormalFloat);
 - int4 with per-group scales as compressed-tensors (the package must be installed; vLLM loads them too), made
-  by lmforge/compress.py: `rtn` (round-to-nearest, no data), `gptq` (calibrated on train-split windows) and
+  by lmforge/compress: `rtn` (round-to-nearest, no data), `gptq` (calibrated on train-split windows) and
   `qat` (quantisation-aware training towards the policy's own outputs, then packed like rtn). rtn, gptq and
   qat share one format and grid, so their differences are the methods' alone. Every variant, the
 fp32 source included, is measured the same way: weight bytes on disk, memory footprint, perplexity

@@ -27,9 +27,6 @@ EXEMPT = {
     "lmforge/distributed.py": "process launch and collectives: N processes compute what one does (tests/test_distributed.py)",
 }
 
-# Scripts a module runs in another interpreter (not imported, so the AST walk cannot see them)
-RUNS = {"lmforge/compress.py": {"lmforge/compress_worker.py"}}
-
 
 def _module_file(name: str) -> str | None:
     """tasks.x / lmforge.x.y -> its file (or its package folder), relative to the project; None if not ours."""
@@ -61,7 +58,7 @@ def imports_of(rel: str) -> set[str]:
                 target = _module_file(name)
                 if target and target != rel and not target.startswith(rel + "/"):
                     found.add(target)
-    return found | RUNS.get(rel, set())
+    return found
 
 
 def code_deps(stage: str) -> set[str]:

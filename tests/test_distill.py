@@ -88,3 +88,4 @@ def test_no_teacher_writes_markers(tiny_corpus, tmp_path):
     out = tmp_path / "distill"
     m = execute("distill", distill.run, DistillConfig(teacher=""), out, {"corpus": tiny_corpus}, tracker=NullTracker())
     assert m["teacher"] == "" and (out / "model" / NOT_WRITTEN).is_file() and (out / "control" / NOT_WRITTEN).is_file()
+    assert (out / "curves.csv").read_text() == "step,student_ce\n"  # declared in dvc.yaml, so always written

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIRST_PARTY = {"lmforge", "tasks", "flows", "infra", "bench", "tests"}
 EXTRAS = {"lmforge": (), "tasks": (), "flows": (), "infra": ("team",), "bench": ("bench",), "tests": ("dev", "team")}
 # scripts that run in an environment of their own: their imports must be pinned in its constraints file
-OWN_ENV = {"lmforge/compress_worker.py": "infra/constraints-compress.txt"}
+OWN_ENV = {"lmforge/compress/worker.py": "lmforge/compress/constraints.txt"}
 
 
 def pinned(constraints: Path) -> set[str]:
