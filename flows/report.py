@@ -234,6 +234,18 @@ def section_evaluate(r: Report) -> str | None:
             ax.legend(fontsize=7, ncol=3, loc="upper center")
             ax.set_ylim(0, max(ax.get_ylim()[1], (limit or 1) * 1.2) * 1.25)
         text += r.plot("evaluate_forgetting", draw_forgetting, "What fine-tuning cost the base (lower is better)")
+    sizes = table.get("size_bytes") or {}
+    if bits and sizes:
+        def draw_tradeoff(ax):  # every variant: weights on disk against held-out bits/byte (tokenizer-free)
+            for v in variants:
+                values = [table["rows"][v].get(m) for m in bits]
+                if v in sizes and all(values):
+                    x, y = sizes[v] / 1e6, sum(values) / len(values)
+                    ax.scatter(x, y, s=50)
+                    ax.annotate(v, (x, y), textcoords="offset points", xytext=(5, 3), fontsize=8)
+            ax.set_xlabel("MB on disk")
+            ax.set_ylabel("held-out bits/byte, mean over sources")
+        text += r.plot("evaluate_tradeoff", draw_tradeoff, "Size against quality, every variant (lower is better)")
     return text
 
 

@@ -38,7 +38,7 @@ from lmforge import lm_eval_tasks as benchmarks
 from lmforge import scorecard
 from lmforge.config import EvaluateConfig
 from lmforge.data.corpus import source_names
-from lmforge.models import check_model_dir, load_causal_lm
+from lmforge.models import check_model_dir, load_causal_lm, weight_bytes
 from lmforge.runtime import pick_device
 from lmforge.errors import InputError
 from lmforge.stage import cli, write_json
@@ -355,6 +355,7 @@ def run(cfg: EvaluateConfig, *, corpus: Path, out: Path, tracker, **variant_dirs
     write_table(out, rows, better, {
         "examples": sizes, "skipped_extra_tasks": skipped, "gate": gate, "device": device.type,
         "gains_over_base": gains, "intervals": spans, "forgetting_limit": cfg.forgetting_limit,
+        "size_bytes": {v: weight_bytes(dirs[v]) for v in cfg.variants},  # weights on disk: the trade-off plot's x
         "forgetting": scorecard.forgetting(rows, cfg.forgetting_limit),
         "below_chance": scorecard.below_chance(rows, spans, cfg),
         "chance": {m: c for m in dict.fromkeys(k for r in rows.values() for k in r) if (c := scorecard.chance(m, cfg))},

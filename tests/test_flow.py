@@ -177,7 +177,8 @@ def test_report_card_is_written_with_plots(project, first_run):
                     "## Alignment: PPO vs DPO vs GRPO", "Gain over base on the same items"):
         assert heading in card
     assert "Quantised and handed on: **" in card
-    for png in ("walltime.png", "mixture.png", "pretrain_loss.png", "alignment_accuracy.png", "grpo_curves.png"):
+    for png in ("walltime.png", "mixture.png", "pretrain_loss.png", "alignment_accuracy.png", "grpo_curves.png",
+                "evaluate_tradeoff.png", "quantize_tradeoff.png"):
         assert (project / "out/report" / png).stat().st_size > 1000
         assert f"({png})" in card
 

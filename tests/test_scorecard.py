@@ -42,7 +42,8 @@ def test_the_report_card_names_and_draws_the_flags(tmp_path):
              "higher_is_better": {"ppl_pydoc.bits_per_byte": False, "ppl_arithmetic.bits_per_byte": False,
                                   "arith_mc.acc": True},
              "intervals": spans, "forgetting_limit": 1.5, "forgetting": scorecard.forgetting(ROWS, 1.5),
-             "below_chance": scorecard.below_chance(ROWS, spans, cfg), "chance": {"arith_mc.acc": 0.25}}
+             "below_chance": scorecard.below_chance(ROWS, spans, cfg), "chance": {"arith_mc.acc": 0.25},
+             "size_bytes": {"base": 4e6, "sft": 4e6, "lora": 4e6}}
     (tmp_path / "out/evaluate").mkdir(parents=True)
     (tmp_path / "out/evaluate/table.json").write_text(json.dumps(table))
     card = report.write(tmp_path).read_text()
@@ -50,3 +51,19 @@ def test_the_report_card_names_and_draws_the_flags(tmp_path):
     assert "**sft: below chance** on arith_mc.acc 0.100" in card and "lora: below chance" not in card
     assert (tmp_path / "out/report/evaluate_forgetting.png").stat().st_size > 1000
     assert (tmp_path / "out/report/evaluate_scores.png").stat().st_size > 1000
+    assert (tmp_path / "out/report/evaluate_tradeoff.png").stat().st_size > 1000  # size against quality
+
+
+def test_the_report_card_gives_what_gptq_and_qat_keep_of_rounding_loss(tmp_path):
+    q = tmp_path / "out/quantize"
+    q.mkdir(parents=True)
+    rows = {"fp32": 10.0, "rtn": 11.0, "gptq": 10.3, "qat": 10.5}
+    metrics = {v: {"perplexity": p, "size_bytes": 1e6, "memory_footprint_bytes": 1e6, "tokens_per_s": 5.0}
+               for v, p in rows.items()}
+    metrics["gptq"]["loss_vs_rtn"], metrics["qat"]["loss_vs_rtn"] = 0.31, 0.512
+    (q / "metrics.json").write_text(json.dumps(metrics))
+    (q / "tradeoff.csv").write_text("variant,size_bytes,memory_footprint_bytes,perplexity,tokens_per_s\n" + "".join(
+        f"{v},1000000,1000000,{p},5.0\n" for v, p in rows.items()))
+    card = report.write(tmp_path).read_text()
+    assert "(one grid, one format; lower is better): gptq 31%, qat 51%." in card
+    assert (tmp_path / "out/report/quantize_tradeoff.png").stat().st_size > 1000
