@@ -2,9 +2,10 @@
 in their own environment and handed back as compressed-tensors folders that transformers (with the
 compressed-tensors package) and vLLM load.
 
-llmcompressor 0.14 pins transformers <= 5.17 and lmforge's lock has a newer one, so the methods run in
-infra/.venv-compress (infra/constraints-compress.txt: llmcompressor, torchao, the same torch), built here the
-first time a method needs it; lmforge/compress_worker.py is the script it runs there. This module prepares the
+llmcompressor 0.14 pins transformers <= 5.17 and lmforge's lock has a newer one, so the methods run in an
+environment of their own (lmforge/compress/constraints.txt: llmcompressor, torchao, the same torch), built here the
+first time a method needs it, in the user's cache (one per set of pins, shared by every checkout and test
+project); lmforge/compress/worker.py is the script it runs there. This module prepares the
 worker's inputs (token windows from the mix corpus), runs it with a progress bar, and returns its figures.
 """
 
@@ -22,11 +23,11 @@ from typing import Iterable
 from lmforge.data.corpus import iter_texts, source_names
 from lmforge.errors import InputError
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = ROOT / "infra" / ".venv-compress"
-CONSTRAINTS = ROOT / "infra" / "constraints-compress.txt"
-WORKER = Path(__file__).resolve().parent / "compress_worker.py"
+HERE = Path(__file__).resolve().parent
+CONSTRAINTS = HERE / "constraints.txt"
+WORKER = HERE / "worker.py"
 PYTHON_ENV = "LMFORGE_COMPRESS_PYTHON"  # a Python that already has llmcompressor and torchao (skips the build)
+ENV_DIR = "LMFORGE_COMPRESS_ENV"  # where to build the environment instead of the user's cache
 PACKAGES = ("torch==2.13.0", "torchao", "llmcompressor")
 METHODS = ("rtn", "gptq", "qat")
 
@@ -39,22 +40,30 @@ def _stamp() -> str:
     return hashlib.sha256(CONSTRAINTS.read_bytes()).hexdigest()[:16]
 
 
+def env_dir() -> Path:
+    """Where the environment lives: LMFORGE_COMPRESS_ENV, else the user's cache, named by the pins' hash."""
+    if os.environ.get(ENV_DIR):
+        return Path(os.environ[ENV_DIR])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "lmforge" / f"compress-{_stamp()}"
+
+
 def python() -> Path:
-    """The compression environment's interpreter, building infra/.venv-compress once (locked against a
-    concurrent build; rebuilt when its constraints change)."""
+    """The compression environment's interpreter, built once (locked against a concurrent build)."""
     if os.environ.get(PYTHON_ENV):
         return Path(os.environ[PYTHON_ENV])
-    exe, stamp = ENV / "bin" / "python", ENV / ".installed"
+    env = env_dir()
+    exe, stamp = env / "bin" / "python", env / ".installed"
     if stamp.exists() and stamp.read_text() == _stamp() and exe.exists():
         return exe
     from filelock import FileLock
 
-    ENV.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(ENV) + ".lock"):
+    env.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(env) + ".lock"):
         if stamp.exists() and stamp.read_text() == _stamp() and exe.exists():
             return exe
-        print(f"compress: building {ENV} (llmcompressor, torchao; once, about a minute)", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(ENV)], check=True)
+        print(f"compress: building {env} (llmcompressor, torchao; once, about a minute)", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(env)], check=True)
         uv = Path(sys.executable).parent / "uv"
         links = ["--find-links", os.environ["PIP_FIND_LINKS"]] if os.environ.get("PIP_FIND_LINKS") else []
         cmd = ([str(uv), "pip", "install", "-q", "--python", str(exe), *links] if uv.exists()
@@ -62,7 +71,7 @@ def python() -> Path:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-            raise CompressError(f"could not build {ENV} (needs the package registry): {' '.join(cmd)}: {' | '.join(tail)}")
+            raise CompressError(f"could not build {env} (needs the package registry): {' '.join(cmd)}: {' | '.join(tail)}")
         stamp.write_text(_stamp())
     return exe
 
@@ -136,6 +145,8 @@ def run(jobs: dict[str, Path], source: Path, *, group_size: int, ignore: list[st
                 except ValueError:
                     continue  # a library's own print
                 if "step" in record:
+                    if bar.n == 0:  # the clock starts with training, not with rtn and gptq before it
+                        bar.reset(total=steps)
                     bar.update(record["step"] + 1 - bar.n)
                     bar.set_postfix(kl=record["loss"])
                     if on_step:

@@ -2,7 +2,7 @@
 standalone script that imports only torch, transformers, torchao and llmcompressor, never lmforge, because
 llmcompressor pins an older transformers than lmforge's lock.
 
-    python compress_worker.py SPEC.json
+    python worker.py SPEC.json
 
 SPEC names the full-precision model folder, the (method, output folder) jobs and the token windows to use
 (JSON lines of token ids, written by the caller). Every method writes the same format: int4 symmetric,
