@@ -148,7 +148,7 @@ def compression_rows(ctx: Context) -> list[Row]:
     d = json.loads(d_path.read_text()) if d_path.exists() else {}
     bpb = d.get("bits_per_byte") or {}
     if bpb.get("student") and bpb.get("control"):
-        note = (f"teacher {d['teacher']} {bpb.get('teacher')} bits/byte; {d.get('tokens')} tokens; teacher forward "
+        note = (f"teacher {d.get('teacher_source')} {bpb.get('teacher')} bits/byte; {d.get('tokens')} tokens; teacher forward "
                 f"{d.get('teacher_s')} s, student {d.get('student_s')} s, control {d.get('control_s')} s; read from {d_path}")
         rows.append(ratio_row("11", "compression.distill_vs_control", "Distilled student: held-out bits/byte vs "
                               "its control (same size, steps, batches)", bpb["student"], bpb["control"], "bits/byte",

@@ -159,7 +159,7 @@ def section_quantize(r: Report) -> str | None:
             if isinstance(metrics.get(method), dict) and metrics[method].get("loss_vs_rtn") is not None]
     if kept:
         text += ("\n\nAt 4 bits, share of round-to-nearest's held-out loss (log perplexity over fp32) that remains "
-                 f"after calibration or training (one grid, one format; lower is better): {', '.join(kept)}.")
+                 f"after calibration or training (one grid, one format; lower is better): {', '.join(kept)}.\n\n")
 
     def draw(ax):
         for x in rows:
@@ -350,18 +350,18 @@ def section_alignment(r: Report) -> str | None:
 
 def section_distill(r: Report) -> str | None:
     m = _metrics(r.out, "distill")
-    if not m or not m.get("teacher"):
+    if not m or not m.get("teacher_source"):
         return None
     sources = list(m.get("student") or {})
     gains = m.get("gain_over_control") or {}
-    text = (f"## Distillation\n\nA student of {m['student_params'] / 1e6:.1f}M parameters learnt from `{m['teacher']}` "
+    text = (f"## Distillation\n\nA student of {m['student_params'] / 1e6:.1f}M parameters learnt from `{m['teacher_source']}` "
             f"({m['teacher_params'] / 1e6:.0f}M) for {m['tokens']:,} tokens; the control is the same network from the "
             "same weights on the same batches without the teacher. Held-out bits per byte (lower is better); the "
             "student's gain over the control with its 95% paired interval:\n\n")
     text += _table(["source", "teacher", "student", "control", "gain over control"],
                    [[s, m["teacher"][s]["bits_per_byte"], m["student"][s]["bits_per_byte"],
                      (m.get("control") or {}).get(s, {}).get("bits_per_byte"),
-                     describe(gains[s]) if s in gains else None] for s in sources])
+                     describe(gains[s]) if s in gains else None] for s in sources]) + "\n"
     curves = _csv(r.out / "distill" / "curves.csv")
     if curves:
         def draw(ax):

@@ -113,7 +113,7 @@ def run(cfg: DistillConfig, *, corpus: Path, out: Path, tracker) -> dict:
             (out / name / NOT_WRITTEN).write_text("distill.teacher is empty: no distillation; drop distill from "
                                                   "evaluate.variants\n")
         (out / "curves.csv").write_text("step,student_ce\n")  # dvc.yaml declares it: present, with no steps
-        return {"teacher": ""}
+        return {"teacher_source": ""}
     sources = source_names(corpus, "val")
     if not sources:
         raise InputError(f"{corpus}: the val split has no sources (run the mix stage)")
@@ -170,7 +170,7 @@ def run(cfg: DistillConfig, *, corpus: Path, out: Path, tracker) -> dict:
             tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
 
     measured = heldout({"teacher": teacher, **models}, val, tokenizer, device, ctx)
-    metrics: dict = {"teacher": cfg.teacher, "teacher_params": sum(p.numel() for p in teacher.parameters()),
+    metrics: dict = {"teacher_source": cfg.teacher, "teacher_params": sum(p.numel() for p in teacher.parameters()),
                      "student_params": sum(p.numel() for p in student.parameters()),
                      "tokens": cfg.max_steps * cfg.batch_size * cfg.seq_len, "teacher_bf16": bf16,
                      "teacher_load_s": round(load_s, 2), **{k: round(v, 2) for k, v in timing.items()}}

