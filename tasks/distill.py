@@ -117,11 +117,11 @@ def run(cfg: DistillConfig, *, corpus: Path, out: Path, tracker) -> dict:
     sources = source_names(corpus, "val")
     if not sources:
         raise InputError(f"{corpus}: the val split has no sources (run the mix stage)")
-    source = pretrained.resolve(cfg.teacher, cfg.allow_network)
+    source = pretrained.resolve(cfg.teacher, cfg.allow_network, knob="distill.teacher")
     device = pick_device(cfg.device, "distill", cfg.num_threads)
     start = time.perf_counter()
     print(f"distill: loading the teacher {source.describe()}", file=sys.stderr)
-    teacher, tokenizer = pretrained.load(source, cfg.allow_network)
+    teacher, tokenizer = pretrained.load(source, cfg.allow_network, knob="distill.teacher")
     teacher = teacher.to(device).eval().requires_grad_(False)
     tokenizer = student_tokenizer(tokenizer)
     load_s = time.perf_counter() - start

@@ -243,7 +243,7 @@ def run(cfg: QuantizeConfig, *, model: Path, corpus: Path, out: Path, tracker) -
         uneven = [n for n, mod in fp32.named_modules() if isinstance(mod, torch.nn.Linear)
                   and not lowbit.skipped(n, cfg.skip_modules) and mod.in_features % cfg.int4_group_size]
         if uneven:
-            raise InputError(f"quantize: int4_group_size {cfg.int4_group_size} does not divide the input width of "
+            raise InputError(f"int4_group_size {cfg.int4_group_size} does not divide the input width of "
                              f"{', '.join(uneven[:3])}{', ...' if len(uneven) > 3 else ''}; pick a divisor of every "
                              "width, or leave rtn/gptq/qat out of quantize.methods")
     _free(fp32)
