@@ -143,7 +143,8 @@ def main(spec_path: str) -> int:
     torch.set_num_threads(spec.get("num_threads") or torch.get_num_threads())
     for method, out in spec["jobs"]:  # one process for every method: the imports cost more than a small model
         job = {**spec, "method": method, "out": out}
-        model = AutoModelForCausalLM.from_pretrained(spec["source"], dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(spec["source"], dtype=torch.float32, trust_remote_code=False,
+                                                     use_safetensors=True)
         start = time.perf_counter()
         extra: dict = {}
         if method == "qat":
