@@ -36,15 +36,21 @@ def stage_metrics(out: Path) -> dict[str, dict]:
     return found
 
 
-def _params_preset(root: Path) -> str:
-    """Whether params.yaml is the default preset as the code defines it now."""
+def params_preset(root: Path) -> str | None:
+    """The preset params.yaml is, as the code renders it now; None for an edited one (or configs being edited)."""
     try:
         from lmforge.cli.preset import render, resolve
 
-        same = (root / "params.yaml").read_text() == render("default", resolve("default", root / "configs"))
-        return "the default preset" if same else "not the default preset"
-    except Exception:  # configs being edited: say so rather than guess
-        return "of unknown preset"
+        text = (root / "params.yaml").read_text()
+        return next((p.stem for p in sorted((root / "configs").glob("*.yaml"))
+                     if text == render(p.stem, resolve(p.stem, root / "configs"))), None)
+    except Exception:
+        return None
+
+
+def _params_preset(root: Path) -> str:
+    """Whether params.yaml is the default preset as the code defines it now."""
+    return "the default preset" if params_preset(root) == "default" else "not the default preset"
 
 
 def full_lifecycle(ctx: Context) -> tuple[float, Path]:
@@ -133,6 +139,9 @@ def compression_rows(ctx: Context) -> list[Row]:
         ppl = (q.get(name) or {}).get("perplexity") if isinstance(q.get(name), dict) else None
         return math.log(ppl / fp32) if ppl and fp32 else None
 
+    # the default preset's rows keep their bare keys; another preset's (smollm2: the real weights) sit beside them
+    preset = params_preset(out.parent)
+    key_tail, title_tail = ("", "") if preset in ("default", None) else (f".{preset}", f" ({preset})")
     for method, target in (("qat", 0.5), ("gptq", None)):
         for baseline in ("rtn", "nf4"):
             ours, base = lost(method), lost(baseline)
@@ -141,8 +150,8 @@ def compression_rows(ctx: Context) -> list[Row]:
             m = q[method]
             note = (f"held-out perplexity fp32 {fp32:.4g}, {baseline} {q[baseline]['perplexity']:.4g}, {method} "
                     f"{m['perplexity']:.4g}; {method} took {m.get('quantize_s', 0):.0f} s; read from {q_path}")
-            rows.append(ratio_row("11", f"compression.{method}_vs_{baseline}",
-                                  f"{method} int4: held-out loss vs {baseline} (post-training)", ours, base,
+            rows.append(ratio_row("11", f"compression.{method}_vs_{baseline}{key_tail}",
+                                  f"{method} int4: held-out loss vs {baseline} (post-training){title_tail}", ours, base,
                                   "nats/token lost", baseline_name=baseline, at_most=target, note=note))
     d_path = out / "distill" / "metrics.json"
     d = json.loads(d_path.read_text()) if d_path.exists() else {}
@@ -150,8 +159,8 @@ def compression_rows(ctx: Context) -> list[Row]:
     if bpb.get("student") and bpb.get("control"):
         note = (f"teacher {d.get('teacher_source')} {bpb.get('teacher')} bits/byte; {d.get('tokens')} tokens; teacher forward "
                 f"{d.get('teacher_s')} s, student {d.get('student_s')} s, control {d.get('control_s')} s; read from {d_path}")
-        rows.append(ratio_row("11", "compression.distill_vs_control", "Distilled student: held-out bits/byte vs "
-                              "its control (same size, steps, batches)", bpb["student"], bpb["control"], "bits/byte",
+        rows.append(ratio_row("11", f"compression.distill_vs_control{key_tail}", "Distilled student: held-out bits/byte "
+                              f"vs its control (same size, steps, batches){title_tail}", bpb["student"], bpb["control"], "bits/byte",
                               baseline_name="control", note=note))
     if not rows:
         raise Skip(f"no quantize (rtn/gptq/qat) or distill metrics under {out}: run `make run` first")

@@ -24,3 +24,18 @@ def pick_device(choice: str, stage: str = "", num_threads: int = 0):
         # under torchrun/accelerate each process takes the GPU of its local rank
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+def cpu_flags() -> set[str]:
+    """The instruction sets torch's own CPU dispatch detects (what lmforge's kernels can use), as /proc names."""
+    import torch
+
+    probes = {"avx2": "_is_avx2_supported", "avx512f": "_is_avx512_supported",
+              "avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported"}
+    return {flag for flag, probe in probes.items() if getattr(torch.cpu, probe, lambda: False)()}
+
+
+def native_bf16(device) -> bool:
+    """Whether bf16 matmuls run natively here: any CUDA device, or a CPU with AVX512-BF16 or AMX (elsewhere bf16
+    is emulated and slower than fp32)."""
+    return device.type == "cuda" or bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})

@@ -33,9 +33,8 @@ from lmforge.config import DistillConfig
 from lmforge.data.corpus import source_names
 from lmforge.errors import InputError
 from lmforge.lm import build_model, eval_windows, lr_at, param_groups, tokenize_split
-from lmforge.lowbit import cpu_has_avx512bf16
 from lmforge.models import NOT_WRITTEN, set_generation_defaults
-from lmforge.runtime import pick_device
+from lmforge.runtime import native_bf16, pick_device
 from lmforge.stage import cli, write_meta
 from lmforge.stats import mean_interval, paired_gain
 
@@ -44,7 +43,7 @@ LN2 = math.log(2)
 
 def teacher_autocast(cfg: DistillConfig, device: torch.device):
     """bf16 for the teacher's forward pass where the hardware runs it natively; fp32 elsewhere."""
-    bf16 = cfg.teacher_dtype == "bf16" or (cfg.teacher_dtype == "auto" and (device.type == "cuda" or cpu_has_avx512bf16()))
+    bf16 = cfg.teacher_dtype == "bf16" or (cfg.teacher_dtype == "auto" and native_bf16(device))
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), bf16
 
 
@@ -67,11 +66,12 @@ def heldout(models: dict, windows: dict[str, torch.Tensor], tokenizer, device, t
     """Per model and source: bits per byte over the held-out windows, and each window's bits/byte (for intervals);
     the students' KL to the teacher."""
     out: dict = {name: {} for name in models}
+    for model in models.values():
+        model.eval()  # training is over: nothing here trains again
     for source, data in windows.items():
         nbytes = [len(tokenizer.decode(w[1:].tolist()).encode("utf-8")) or 1 for w in data]
         logits = {}
         for name, model in models.items():
-            model.eval()
             with (teacher_ctx if name == "teacher" else torch.autocast(device.type, enabled=False)):
                 logits[name] = model(input_ids=data[:, :-1].to(device)).logits.float()
             nats = F.cross_entropy(logits[name].transpose(1, 2), data[:, 1:].to(device), reduction="none").sum(1)
@@ -82,8 +82,6 @@ def heldout(models: dict, windows: dict[str, torch.Tensor], tokenizer, device, t
                 kl = F.kl_div(F.log_softmax(logits[name], -1).flatten(0, 1), F.log_softmax(logits["teacher"], -1).flatten(0, 1),
                               log_target=True, reduction="batchmean")
                 out[name][source]["kl_to_teacher"] = round(float(kl), 4)
-        for model in models.values():
-            model.train()
     return out
 
 

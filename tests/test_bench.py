@@ -73,6 +73,15 @@ def test_compression_rows_compare_with_baselines_of_the_same_run(ctx):
     assert qat.value == pytest.approx(math.log(1.04) / math.log(1.1)) and qat.met is True and qat.target == "≤ 0.5×"
     assert rows["compression.qat_vs_nf4"].value < qat.value and rows["compression.gptq_vs_rtn"].met is None
     assert rows["compression.distill_vs_control"].value == pytest.approx(0.8)
+    # a run of another preset (the real weights) gets its own rows beside the default preset's
+    from lmforge.cli.preset import render, resolve
+
+    (ctx.records / "configs").mkdir()
+    for name in ("default", "smollm2"):
+        (ctx.records / "configs" / f"{name}.yaml").write_text((ROOT / "configs" / f"{name}.yaml").read_text())
+    (ctx.records / "params.yaml").write_text(render("smollm2", resolve("smollm2", ctx.records / "configs")))
+    real = {r.key: r for r in records.compression_rows(ctx)}
+    assert set(real) == {f"{k}.smollm2" for k in rows} and real["compression.qat_vs_rtn.smollm2"].title.endswith("(smollm2)")
 
 
 def test_steady_rate_starts_after_the_warm_up():

@@ -59,15 +59,30 @@ def test_every_model_is_measured_on_the_same_windows(distilled, tiny_corpus):
 
 
 def test_without_the_teacher_term_the_student_is_its_control(tiny_corpus, tmp_path):
-    """kd_weight 0: the student's loss is the control's; same weights, same batches, so the same model."""
+    """kd_weight 0: the student's loss is the control's; same weights, same batches, so the same model. The teacher
+    runs in fp32 here (the fixture above takes the machine's default, bf16 where the CPU has it)."""
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "distill"
-    execute("distill", distill.run, DistillConfig(**{**FEW, "kd_weight": 0.0}), out, {"corpus": tiny_corpus},
-            tracker=NullTracker())
+    m = execute("distill", distill.run, DistillConfig(**{**FEW, "kd_weight": 0.0, "teacher_dtype": "fp32"}), out,
+                {"corpus": tiny_corpus}, tracker=NullTracker())
+    # uniform over SmolLM2's 49,152 tokens would be ~6 bits/byte on this text: the fp32 teacher is far below that
+    assert m["teacher_bf16"] is False and all(0 < m["teacher"][s]["bits_per_byte"] < 4 for s in m["teacher"])
     student = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
     control = AutoModelForCausalLM.from_pretrained(out / "control").state_dict()
     assert all(torch.equal(student[k], control[k]) for k in student)
+
+
+def test_teacher_precision_follows_the_knob_and_the_hardware(monkeypatch):
+    cpu = torch.device("cpu")
+    assert distill.teacher_autocast(DistillConfig(teacher_dtype="fp32"), cpu)[1] is False
+    assert distill.teacher_autocast(DistillConfig(teacher_dtype="bf16"), cpu)[1] is True
+    monkeypatch.setattr(distill, "native_bf16", lambda device: False)  # an AVX2-only CPU: bf16 would be emulated
+    assert distill.teacher_autocast(DistillConfig(), cpu)[1] is False
+    monkeypatch.setattr(distill, "native_bf16", lambda device: True)
+    ctx, bf16 = distill.teacher_autocast(DistillConfig(), cpu)
+    with ctx:
+        assert bf16 and torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
 
 
 def test_distill_loss_forward_and_reverse():

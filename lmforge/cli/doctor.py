@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from lmforge.runtime import cpu_flags
+
 SUPPORTED = ((3, 11), (3, 13))  # the Makefile's PY_MIN / PY_MAX
 
 
@@ -23,15 +25,6 @@ def _try(probe: Callable[[], str]) -> str:
         return probe()
     except Exception as err:  # noqa: BLE001 - a doctor reports, it does not crash
         return f"unavailable ({type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''})"
-
-
-def cpu_flags() -> set[str]:
-    """The instruction sets torch's own CPU dispatch detects (what lmforge's kernels can use), as /proc names."""
-    import torch
-
-    probes = {"avx2": "_is_avx2_supported", "avx512f": "_is_avx512_supported",
-              "avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported"}
-    return {flag for flag, probe in probes.items() if getattr(torch.cpu, probe, lambda: False)()}
 
 
 def cpu_name() -> str:
