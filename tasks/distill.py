@@ -155,13 +155,13 @@ def run(cfg: DistillConfig, *, corpus: Path, out: Path, tracker) -> dict:
                 loss, ce = distill_loss(logits, teacher_logits, targets, cfg)
             else:
                 loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
-                ce = float(loss)
+                ce = loss.detach().item()
             loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opts[name].step()
             opts[name].zero_grad(set_to_none=True)
-            row[f"{name}_loss"], row[f"{name}_ce"] = round(float(loss), 5), round(ce, 5)
+            row[f"{name}_loss"], row[f"{name}_ce"] = round(loss.detach().item(), 5), round(ce, 5)
             timing[f"{name}_s"] += time.perf_counter() - t0
         rows.append(row)
         if step % cfg.log_every == 0 or step == cfg.max_steps - 1:

@@ -120,7 +120,7 @@ def qat(model, spec: dict, windows: list[list[int]]) -> dict:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % spec["log_every"] == 0 or step == steps - 1:
             emit(step=step, loss=round(losses[-1], 6), lr=sched.get_last_lr()[0])
     for name, module in list(model.named_modules()):  # back to plain Linear layers holding the trained weights
