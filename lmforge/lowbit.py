@@ -78,6 +78,12 @@ def skipped(name: str, skip: Iterable[str]) -> bool:
     return any(name == s or name.endswith("." + s) for s in skip)
 
 
+def resolve_skips(model, skip: Iterable[str]) -> list[str]:
+    """The exact names of the model's modules that `skip` names (in full or as a suffix): what every quantiser
+    here is given, since each matches names its own way (bitsandbytes by substring, llmcompressor exactly)."""
+    return [name for name, _ in model.named_modules() if name and skipped(name, skip)]
+
+
 def unpackable_linears(model, skip: Iterable[str] = ()) -> list[str]:
     """Names of the model's nn.Linear layers that 4-bit quantisation would convert but the packed CPU
     kernel cannot run; `skip` holds names (or name suffixes) that stay in full precision anyway."""

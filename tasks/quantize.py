@@ -126,7 +126,7 @@ def plan_skips(model, method: str, cfg: QuantizeConfig) -> tuple[list[str], list
     kernel cannot take their shape). int8 has no such rule; nf4 follows quantize.nf4_unpackable."""
     from transformers.quantizers.base import get_keys_to_not_convert
 
-    skip = list(cfg.skip_modules) or get_keys_to_not_convert(model)  # default: the output head
+    skip = lowbit.resolve_skips(model, list(cfg.skip_modules) or get_keys_to_not_convert(model))  # default: the head
     if method != "nf4" or cfg.nf4_unpackable == "quantize":  # int8 and the int4 methods take any shape
         return skip, []
     odd = lowbit.unpackable_linears(model, skip)
@@ -161,7 +161,7 @@ def write_tradeoff(path: Path, rows: dict[str, dict]) -> None:
 
 
 def int4_variants(cfg: QuantizeConfig, source: Path, out: Path, tokenizer, corpus: Path, window: int,
-                  tracker) -> dict[str, dict]:
+                  skip: list[str], tracker) -> dict[str, dict]:
     """rtn, gptq and qat folders (those in quantize.methods) in one run of lmforge.compress; {method: figures}.
     Calibration and training windows come from the train split, so the held-out text that measures every
     variant stays unseen by all of them."""
@@ -173,7 +173,7 @@ def int4_variants(cfg: QuantizeConfig, source: Path, out: Path, tokenizer, corpu
              if "qat" in jobs else None)
     qat = {"steps": cfg.qat_steps, "batch_size": cfg.qat_batch_size, "lr": cfg.qat_lr,
            "log_every": max(1, cfg.qat_steps // 20)}
-    figures = compress.run(jobs, source, group_size=cfg.int4_group_size, ignore=list(cfg.skip_modules),
+    figures = compress.run(jobs, source, group_size=cfg.int4_group_size, ignore=skip,
                            seed=cfg.qat_seed, calibration=calibration, train=train, qat=qat,
                            dampening=cfg.gptq_dampening, num_threads=cfg.num_threads,
                            on_step=lambda step, kl: tracker.log_metrics({"qat_kl": kl}, step=step))
@@ -239,9 +239,10 @@ def run(cfg: QuantizeConfig, *, model: Path, corpus: Path, out: Path, tracker) -
     context = int(getattr(fp32.config, "max_position_embeddings", 0) or cfg.window_tokens)
     plans = {method: plan_skips(fp32, method, cfg) for method in cfg.methods}
     shares = {method: lowbit_share(fp32, plans[method][0]) for method in cfg.methods}
+    int4_skip = plan_skips(fp32, "rtn", cfg)[0]  # rtn, gptq and qat keep the same modules in full precision
     if any(m in compress.METHODS for m in cfg.methods):
         uneven = [n for n, mod in fp32.named_modules() if isinstance(mod, torch.nn.Linear)
-                  and not lowbit.skipped(n, cfg.skip_modules) and mod.in_features % cfg.int4_group_size]
+                  and n not in int4_skip and mod.in_features % cfg.int4_group_size]
         if uneven:
             raise InputError(f"int4_group_size {cfg.int4_group_size} does not divide the input width of "
                              f"{', '.join(uneven[:3])}{', ...' if len(uneven) > 3 else ''}; pick a divisor of every "
@@ -270,7 +271,7 @@ def run(cfg: QuantizeConfig, *, model: Path, corpus: Path, out: Path, tracker) -
         tokenizer.save_pretrained(out / method)
         _free(quantized)
         built[method] = time.perf_counter() - start
-    extra = int4_variants(cfg, source, out, tokenizer, corpus, min(cfg.window_tokens, context), tracker)
+    extra = int4_variants(cfg, source, out, tokenizer, corpus, min(cfg.window_tokens, context), int4_skip, tracker)
     for method, figures in extra.items():
         built[method] = figures.pop("seconds")
 

@@ -85,6 +85,29 @@ def test_teacher_precision_follows_the_knob_and_the_hardware(monkeypatch):
         assert bf16 and torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
 
 
+def test_heldout_bits_per_byte_count_the_text_alone(tiny_tokenizer):
+    """A model with equal logits spends log2(V) bits on every target; document ends are neither charged nor
+    counted as bytes, and a model scored against itself has no KL."""
+    import math
+    from types import SimpleNamespace
+
+    class Uniform(torch.nn.Module):
+        def forward(self, input_ids):
+            return SimpleNamespace(logits=torch.zeros(*input_ids.shape, len(tiny_tokenizer)))
+
+    eos = tiny_tokenizer.eos_token_id
+    text = tiny_tokenizer("12 + 7 = 19", add_special_tokens=False)["input_ids"]
+    window = torch.tensor([text + [eos] + text])
+    cpu = torch.device("cpu")
+    m = distill.heldout({"teacher": Uniform(), "student": Uniform()}, {"arithmetic": window}, tiny_tokenizer, cpu,
+                        torch.autocast("cpu", enabled=False))
+    targets = (len(text) - 1) + len(text)  # window[1:]: the first text less its first token, the eos (not charged), the text
+    nbytes = 2 * len("12 + 7 = 19") - len(tiny_tokenizer.decode(text[:1]))
+    expected = targets * math.log2(len(tiny_tokenizer)) / nbytes
+    assert m["student"]["arithmetic"]["bits_per_byte"] == pytest.approx(expected, rel=1e-3)
+    assert m["student"]["arithmetic"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_distill_loss_forward_and_reverse():
     cfg = DistillConfig(kd_weight=1.0)
     torch.manual_seed(0)

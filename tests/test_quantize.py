@@ -110,6 +110,26 @@ def test_bad_inputs_fail_before_work(quantized, tiny_model_dir, tiny_corpus, tmp
         quantize.run(cfg, model=tiny_model_dir, corpus=tmp_path, out=tmp_path / "o3", tracker=tracking.NullTracker())
 
 
+def test_skip_modules_mean_the_same_layers_to_every_method(tiny_model_dir, tiny_corpus, tmp_path):
+    """`skip_modules: [down_proj]` (a suffix) keeps every down_proj in full precision in bitsandbytes' nf4, in rtn
+    and in qat alike (qat neither fake-quantises nor packs them), and the low-bit share says so."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = QuantizeConfig(**{**TINY, "qat_steps": 2, "methods": ["nf4", "rtn", "qat"], "skip_modules": ["lm_head", "down_proj"],
+                            "nf4_unpackable": "quantize"})
+    m = execute("quantize", quantize.run, cfg, tmp_path / "q", {"model": tiny_model_dir, "corpus": tiny_corpus},
+                tracker=tracking.NullTracker())
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    layers = sum(1 for n, _ in full.named_modules() if n.endswith("down_proj"))
+    for method in ("nf4", "rtn", "qat"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "q" / method)
+        kept = {n: type(mod).__name__ for n, mod in model.named_modules() if n.endswith("down_proj")}
+        assert len(kept) == layers and all(t == "Linear" for t in kept.values()), (method, kept)
+        assert not any(n.endswith("down_proj.weight_packed") for n, _ in model.named_parameters())
+    assert m["rtn"]["lowbit_param_share"] == m["qat"]["lowbit_param_share"] == m["nf4"]["lowbit_param_share"]
+    assert m["rtn"]["lowbit_param_share"] < quantize.lowbit_share(full, ["lm_head"])
+
+
 def test_cli_reports_missing_model(tiny_corpus, tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text("quantize:\n  methods: [nf4]\n  model: sft\n")

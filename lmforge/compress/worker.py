@@ -97,7 +97,7 @@ def qat(model, spec: dict, windows: list[list[int]]) -> dict:
     ignore = set(spec["ignore"])
     weight = IntxFakeQuantizeConfig(torch.int4, group_size=spec["group_size"], is_symmetric=True)
     quantize_(model, QATConfig(weight_config=weight, step="prepare"),
-              filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and name.split(".")[-1] not in ignore)
+              filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and name not in ignore)  # exact names
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0)
