@@ -16,6 +16,9 @@ from lmforge import scorecard
 from lmforge.config import STAGES
 from lmforge.stats import describe
 
+# the size-quality plot's marker per kind of variant: full precision o, 8-bit square, 4-bit triangle, distilled diamond
+TRADEOFF_MARKERS = {"int8": "s", "nf4": "^", "rtn": "^", "gptq": "^", "qat": "^", "distill": "D"}
+
 
 def _metrics(out: Path, stage: str) -> dict | None:
     path = out / stage / "metrics.json"
@@ -237,12 +240,17 @@ def section_evaluate(r: Report) -> str | None:
     sizes = table.get("size_bytes") or {}
     if bits and sizes:
         def draw_tradeoff(ax):  # every variant: weights on disk against held-out bits/byte (tokenizer-free)
+            # a legend, not labels by the points: variants of one size sit on top of each other
+            import matplotlib
+
+            shades = matplotlib.colormaps["tab20"].colors
+            colours = iter(shades[::2] + shades[1::2])  # the ten strong colours first
             for v in variants:
                 values = [table["rows"][v].get(m) for m in bits]
                 if v in sizes and all(values):
-                    x, y = sizes[v] / 1e6, sum(values) / len(values)
-                    ax.scatter(x, y, s=50)
-                    ax.annotate(v, (x, y), textcoords="offset points", xytext=(5, 3), fontsize=8)
+                    ax.scatter(sizes[v] / 1e6, sum(values) / len(values), s=45, color=next(colours), label=v,
+                               marker=TRADEOFF_MARKERS.get(v, "o"), alpha=0.85)
+            ax.legend(fontsize=7, ncol=2, loc="upper right")
             ax.set_xlabel("MB on disk")
             ax.set_ylabel("held-out bits/byte, mean over sources")
         text += r.plot("evaluate_tradeoff", draw_tradeoff, "Size against quality, every variant (lower is better)")
