@@ -76,11 +76,19 @@ def group_of(row: dict) -> str:
 
 
 def merge(new: list[dict], previous: dict, ran: set[str]) -> list[dict]:
-    """Rows in GROUPS order: the groups that ran from this run, the others as the previous results had them."""
+    """Rows in GROUPS order: the groups that did not run as the previous results had them; in a group that ran,
+    each row it wrote replaces the row of that key, and the group's other rows stay with their own run (row 11
+    from another preset's records keeps the default preset's rows beside it)."""
     old = report.rows_with_runs(previous) if previous else []
+    fresh = {r["key"]: r for r in new}
     merged = []
     for name, *_ in GROUPS:
-        merged += [r for r in (new if name in ran else old) if group_of(r) == name]
+        before = [r for r in old if group_of(r) == name]
+        if name not in ran:
+            merged += before
+            continue
+        merged += [fresh.get(r["key"], r) for r in before]
+        merged += [r for r in new if group_of(r) == name and r["key"] not in {b["key"] for b in before}]
     return merged
 
 

@@ -48,6 +48,13 @@ def params_preset(root: Path) -> str | None:
         return None
 
 
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
 def _params_preset(root: Path) -> str:
     """Whether params.yaml is the default preset as the code defines it now."""
     return "the default preset" if params_preset(root) == "default" else "not the default preset"
@@ -140,8 +147,10 @@ def compression_rows(ctx: Context) -> list[Row]:
         ppl = (q.get(name) or {}).get("perplexity") if isinstance(q.get(name), dict) else None
         return math.log(ppl / fp32) if ppl and fp32 else None
 
-    # the default preset's rows keep their bare keys; another preset's (smollm2: the real weights) sit beside them
-    preset = params_preset(out.parent)
+    # the default preset's rows keep their bare keys; another preset's (smollm2: the real weights) sit beside them.
+    # The preset is the one params.yaml says it was written from: the run's code may be older than this one.
+    header = re.search(r"lmforge\.cli\.preset (\w+)", _read(out.parent / "params.yaml"))
+    preset = header.group(1) if header else None
     key_tail, title_tail = ("", "") if preset in ("default", None) else (f".{preset}", f" ({preset})")
     for method, target in (("qat", 0.5), ("gptq", None)):
         for baseline in ("rtn", "nf4"):

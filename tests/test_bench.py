@@ -77,10 +77,7 @@ def test_compression_rows_compare_with_baselines_of_the_same_run(ctx):
     # a run of another preset (the real weights) gets its own rows beside the default preset's
     from lmforge.cli.preset import render, resolve
 
-    (ctx.records / "configs").mkdir()
-    for name in ("default", "smollm2"):
-        (ctx.records / "configs" / f"{name}.yaml").write_text((ROOT / "configs" / f"{name}.yaml").read_text())
-    (ctx.records / "params.yaml").write_text(render("smollm2", resolve("smollm2", ctx.records / "configs")))
+    (ctx.records / "params.yaml").write_text(render("smollm2", resolve("smollm2", ROOT / "configs")))
     real = {r.key: r for r in records.compression_rows(ctx)}
     assert set(real) == {f"{k}.smollm2" for k in rows} and real["compression.qat_vs_rtn.smollm2"].title.endswith("(smollm2)")
 
@@ -211,3 +208,19 @@ def test_row_10_measures_export_and_serving_on_one_model(peaked_model, tmp_path)
     assert by["serve.tiny.tokens_per_s"].ours > 0 and by["serve.tiny.tokens_per_s"].baseline > 0
     assert by["serve.tiny.first_token"].ours > 0 and by["serve.tiny.tokens_per_s"].target == "≥ 0.9×"
     assert [g[1] for g in selected(["10"])] == ["10"]
+
+
+def test_a_group_rerun_replaces_its_rows_and_keeps_another_presets():
+    from bench.__main__ import merge
+
+    run_a, run_b = {"commit": "a"}, {"commit": "b"}
+    old = {"rows": [dict(key="compression.qat_vs_rtn", group="compression", run=run_a),
+                    dict(key="lifecycle", group="lifecycle", run=run_a)]}
+    new = [dict(key="compression.qat_vs_rtn.smollm2", group="compression", run=run_b)]
+    rows = merge(new, old, {"compression"})
+    assert [(r["key"], r["run"]["commit"]) for r in rows if r["group"] == "compression"] == \
+        [("compression.qat_vs_rtn", "a"), ("compression.qat_vs_rtn.smollm2", "b")]
+    again = merge([dict(key="compression.qat_vs_rtn", group="compression", run=run_b)], {"rows": rows}, {"compression"})
+    assert [(r["key"], r["run"]["commit"]) for r in again if r["group"] == "compression"] == \
+        [("compression.qat_vs_rtn", "b"), ("compression.qat_vs_rtn.smollm2", "b")]
+    assert any(r["key"] == "lifecycle" for r in again)  # a group that did not run stays as it was
