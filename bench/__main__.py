@@ -87,8 +87,9 @@ def merge(new: list[dict], previous: dict, ran: set[str]) -> list[dict]:
         if name not in ran:
             merged += before
             continue
+        seen = {r["key"] for r in before}
         merged += [fresh.get(r["key"], r) for r in before]
-        merged += [r for r in new if group_of(r) == name and r["key"] not in {b["key"] for b in before}]
+        merged += [r for r in new if group_of(r) == name and r["key"] not in seen]
     return merged
 
 

@@ -36,28 +36,24 @@ def stage_metrics(out: Path) -> dict[str, dict]:
     return found
 
 
-def params_preset(root: Path) -> str | None:
-    """The preset params.yaml is, as the code renders it now; None for an edited one (or configs being edited)."""
+def _params_preset(root: Path) -> str:
+    """Whether params.yaml is the default preset as the code defines it now."""
     try:
         from lmforge.cli.preset import render, resolve
 
-        text = (root / "params.yaml").read_text()
-        return next((p.stem for p in sorted((root / "configs").glob("*.yaml"))
-                     if text == render(p.stem, resolve(p.stem, root / "configs"))), None)
-    except Exception:
-        return None
+        same = (root / "params.yaml").read_text() == render("default", resolve("default", root / "configs"))
+        return "the default preset" if same else "not the default preset"
+    except Exception:  # configs being edited: say so rather than guess
+        return "of unknown preset"
 
 
-def _read(path: Path) -> str:
+def _written_from(params: Path) -> str | None:
+    """The preset a params.yaml says it was written from (its header), whatever code wrote it."""
     try:
-        return path.read_text()
+        header = re.search(r"lmforge\.cli\.preset (\w+)", params.read_text())
     except OSError:
-        return ""
-
-
-def _params_preset(root: Path) -> str:
-    """Whether params.yaml is the default preset as the code defines it now."""
-    return "the default preset" if params_preset(root) == "default" else "not the default preset"
+        return None
+    return header.group(1) if header else None
 
 
 def full_lifecycle(ctx: Context) -> tuple[float, Path]:
@@ -149,8 +145,7 @@ def compression_rows(ctx: Context) -> list[Row]:
 
     # the default preset's rows keep their bare keys; another preset's (smollm2: the real weights) sit beside them.
     # The preset is the one params.yaml says it was written from: the run's code may be older than this one.
-    header = re.search(r"lmforge\.cli\.preset (\w+)", _read(out.parent / "params.yaml"))
-    preset = header.group(1) if header else None
+    preset = _written_from(out.parent / "params.yaml")
     key_tail, title_tail = ("", "") if preset in ("default", None) else (f".{preset}", f" ({preset})")
     for method, target in (("qat", 0.5), ("gptq", None)):
         for baseline in ("rtn", "nf4"):
