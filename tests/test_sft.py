@@ -124,3 +124,35 @@ def test_replay_adds_pretraining_text_as_replies_to_no_question(tiny_corpus, tin
     tok = models.load_tokenizer(tiny_model_dir)  # the loss falls on the text: it is the assistant's reply
     masked = tok.apply_chat_template(pieces[0], tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     assert sum(masked["assistant_masks"]) >= len(masked["input_ids"]) - 1
+
+
+def test_packed_batches_give_the_padded_batches_loss_and_still_truncate(tiny_model_dir, tmp_path):
+    """A packed batch (conversations end to end in a few rows, position ids restarting at each) must score every
+    conversation as if it were alone: the same loss as the padded batch, so no token attends across a conversation boundary."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = models.load_tokenizer(tiny_model_dir)
+    def trainer(**knobs):
+        cfg = SftConfig(**{**TINY, "train_examples": 8, **knobs})
+        return finetune.make_trainer(cfg, model, tok, finetune.training_conversations(cfg),
+                                     posttrain_data.conversations("test", 4, 0), tmp_path / "work", "cpu",
+                                     tracking.NullTracker(), [])
+
+    lengths = sorted(len(e["input_ids"]) for e in trainer().train_dataset)
+    assert lengths[0] < lengths[-1]
+    cut = lengths[-1] - 1
+    trainers = {flat: trainer(padding_free=flat, max_length=cut) for flat in (True, False)}
+    examples = list(trainers[True].train_dataset)
+    assert max(len(e["input_ids"]) for e in examples) == cut  # TRL still truncates to max_length
+    flat, padded = (trainers[f].data_collator(examples) for f in (True, False))
+    assert flat["input_ids"].shape[0] < 8 and "attention_mask" not in flat and flat["input_ids"].shape[1] <= cut
+    assert (flat["labels"] != -100).sum() == (padded["labels"] != -100).sum()  # every scored token, once
+    assert (padded["attention_mask"] == 0).any()  # the padded batch does pad
+    with torch.no_grad():
+        losses = [model(**{k: v for k, v in b.items()}).loss for b in (flat, padded)]
+    assert torch.allclose(losses[0], losses[1], atol=1e-5), losses
+    # leaking attention across conversations would change it: the same rows scored as one sequence each differ
+    joined = {k: v for k, v in flat.items() if k != "position_ids"}
+    with torch.no_grad():
+        assert abs(model(**joined).loss - losses[0]) > 1e-3

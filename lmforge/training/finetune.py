@@ -175,12 +175,51 @@ def make_trainer(cfg: SftConfig, model, tokenizer, train_convs, test_rows, work:
     return SFTTrainer(
         model=model,
         args=args,
+        data_collator=PackedBatches(tokenizer.pad_token_id, max_length) if cfg.padding_free else None,
         train_dataset=conversation_dataset(train_convs),
         eval_dataset=conversation_dataset([r["messages"] for r in test_rows]),
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[ForwardLogs(tracker, history)],
     )
+
+
+class PackedBatches:
+    """A batch's conversations packed end to end into as few rows of `width` tokens as fit (first fit, longest
+    first), position ids restarting at each conversation, from which transformers builds a block-diagonal causal
+    mask (sdpa and eager alike): the loss of the padded batch without its padding. Rows rather than one long row,
+    because attention costs the square of a row's length. The tail of a row is padding with labels -100."""
+
+    def __init__(self, pad_token_id: int, width: int):
+        self.pad, self.width = pad_token_id, width
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        rows: list[list[dict]] = []
+        used: list[int] = []
+        for ex in sorted(examples, key=lambda e: -len(e["input_ids"])):
+            n = len(ex["input_ids"])
+            i = next((i for i, u in enumerate(used) if u + n <= self.width), len(rows))
+            if i == len(rows):
+                rows.append([])
+                used.append(0)
+            rows[i].append(ex)
+            used[i] += n
+        width = max(used)
+        ids = torch.full((len(rows), width), self.pad)
+        labels = torch.full((len(rows), width), -100)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            at = 0
+            for ex in row:
+                n = len(ex["input_ids"])
+                ids[i, at:at + n] = torch.tensor(ex["input_ids"])
+                labels[i, at + 1:at + n] = torch.tensor(ex.get("labels", ex["input_ids"])[1:])  # none across a seam
+                positions[i, at:at + n] = torch.arange(n)
+                at += n
+            positions[i, at:] = torch.arange(width - at)  # the padding is a sequence of its own, never scored
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
 def finetune(cfg: SftConfig, model, tokenizer, train_convs: list[list[dict]], out: Path, tracker, device: str,
