@@ -149,6 +149,7 @@ def test_packed_batches_give_the_padded_batches_loss_and_still_truncate(tiny_mod
     assert flat["input_ids"].shape[0] < 8 and "attention_mask" not in flat and flat["input_ids"].shape[1] <= cut
     assert (flat["labels"] != -100).sum() == (padded["labels"] != -100).sum()  # every scored token, once
     assert (padded["attention_mask"] == 0).any()  # the padded batch does pad
+    assert flat.pop(finetune.REAL_TOKENS) == padded["attention_mask"].sum()  # what the logged num_tokens adds up
     with torch.no_grad():
         losses = [model(**{k: v for k, v in b.items()}).loss for b in (flat, padded)]
     assert torch.allclose(losses[0], losses[1], atol=1e-5), losses
@@ -156,3 +157,9 @@ def test_packed_batches_give_the_padded_batches_loss_and_still_truncate(tiny_mod
     joined = {k: v for k, v in flat.items() if k != "position_ids"}
     with torch.no_grad():
         assert abs(model(**joined).loss - losses[0]) > 1e-3
+    counted = []
+    for flat in (True, False):  # the same seed, so the same batches: the logged token counts must agree
+        trainers[flat].args.max_steps = 2
+        trainers[flat].train()
+        counted.append(trainers[flat]._total_train_tokens)
+    assert counted[0] == counted[1] > 2 * cut

@@ -172,7 +172,7 @@ def make_trainer(cfg: SftConfig, model, tokenizer, train_convs, test_rows, work:
         eval_steps=cfg.eval_every or None,
         **trainer_args(cfg, work, device, checkpoints=checkpoints),  # bf16 on CUDA only: TRL defaults it on
     )
-    return SFTTrainer(
+    return (packed_trainer_class() if cfg.padding_free else SFTTrainer)(
         model=model,
         args=args,
         data_collator=PackedBatches(tokenizer.pad_token_id, max_length) if cfg.padding_free else None,
@@ -219,7 +219,28 @@ class PackedBatches:
                 positions[i, at:at + n] = torch.arange(n)
                 at += n
             positions[i, at:] = torch.arange(width - at)  # the padding is a sequence of its own, never scored
-        return {"input_ids": ids, "labels": labels, "position_ids": positions}
+        return {"input_ids": ids, "labels": labels, "position_ids": positions, REAL_TOKENS: torch.tensor(sum(used))}
+
+
+REAL_TOKENS = "lmforge_real_tokens"  # a packed batch's token count, read (and removed) by PackedSftTrainer
+
+
+def packed_trainer_class():
+    """TRL's SFTTrainer, counting a packed batch's tokens itself: TRL counts a batch without an attention mask as
+    one row's width (it expects a single row), which would under-count the logged num_tokens."""
+    from trl import SFTTrainer
+
+    class PackedSftTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            real = inputs.pop(REAL_TOKENS, None)
+            before = self._total_train_tokens
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if real is not None and self._total_train_tokens != before:  # a training step, which TRL counted
+                self._total_train_tokens = before + int(self.accelerator.gather_for_metrics(real).sum().item())
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return out
+
+    return PackedSftTrainer
 
 
 def finetune(cfg: SftConfig, model, tokenizer, train_convs: list[list[dict]], out: Path, tracker, device: str,
