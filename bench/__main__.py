@@ -20,7 +20,7 @@ from bench.core import ROOT, BenchError, Context, Row, Skip, load_avg, log, size
 GROUPS: list[tuple[str, str, str, Callable]] = [
     ("pretrain", "1", "Pretraining throughput (pretrain stage)", training.pretrain_rows),
     ("mfu", "2", "Pretraining FLOP/s vs matmul peak (MFU)", training.mfu_rows),
-    ("sft", "3a", "SFT throughput (sft stage)", training.sft_rows),
+    ("sft", "3a", "SFT and LoRA throughput (sft, lora stages)", training.sft_rows),
     ("ppo", "3b", "PPO throughput (ppo stage)", training.ppo_rows),
     ("tokenizer", "4", "Tokenizer stage vs sentencepiece", tokenizing.tokenizer_rows),
     ("orchestration", "5", "Whole flow, every stage cached (python -m flows.lifecycle)", orchestration.flow_rows),
@@ -39,8 +39,8 @@ def selected(only: list[str] | None) -> list[tuple[str, str, str, Callable]]:
     """Groups by name or by number ("3" picks 3a and 3b, "5" picks 5 and 5b)."""
     if not only:
         return GROUPS
-    picked = [g for g in GROUPS if any(o == g[0] or o == g[1] or g[1].rstrip("ab") == o for o in only)]
-    unknown = [o for o in only if not any(o == g[0] or o == g[1] or g[1].rstrip("ab") == o for g in GROUPS)]
+    picked = [g for g in GROUPS if any(o == g[0] or o == g[1] or g[1].rstrip("abcde") == o for o in only)]
+    unknown = [o for o in only if not any(o == g[0] or o == g[1] or g[1].rstrip("abcde") == o for g in GROUPS)]
     if unknown:
         names = ", ".join(f"{g[1]} {g[0]}" for g in GROUPS)
         raise SystemExit(f"unknown row(s) {', '.join(unknown)}; rows: {names}")

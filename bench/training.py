@@ -208,29 +208,28 @@ def base_model(ctx: Context) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- sft
-def sft_config(ctx: Context):
-    from lmforge.config import SftConfig
+def sft_config(ctx: Context, stage: str = "sft"):
+    """The stage's config at the bench's size, with replay as the presets have it."""
+    from lmforge.config import LoraConfig, SftConfig
 
     s = ctx.sizes
     total = s.sft_warm + s.sft_steps
-    return SftConfig.model_validate({**s.sft, "max_steps": total, "warmup_steps": 1,
-                                     "train_examples": s.sft["batch_size"] * total})
+    return (LoraConfig if stage == "lora" else SftConfig).model_validate(
+        {**s.sft, "max_steps": total, "warmup_steps": 1, "train_examples": s.sft["batch_size"] * total})
 
 
-def trl_sft_direct(cfg, base: Path, work: Path) -> list:
-    """TRL's SFTTrainer on the same conversations, model and training settings, nothing else around it."""
+def trl_sft_direct(cfg, base: Path, corpus: Path, work: Path) -> list:
+    """TRL's SFTTrainer on the same conversations, model and training settings, with its own (padded) batches and
+    nothing else around it."""
     import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from lmforge.data import posttrain_data
+    from lmforge.training import finetune
 
-    set_seed(cfg.seed)
-    cuda = cfg.device != "cpu" and torch.cuda.is_available()
-    tok = AutoTokenizer.from_pretrained(base)
+    tok, convs, device = finetune.prepare(cfg, base, "sft", corpus)
+    cuda = device == "cuda"
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    rows = posttrain_data.conversations("train", cfg.train_examples, cfg.seed)
     args = SFTConfig(
         output_dir=str(work), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_scheduler,
@@ -241,30 +240,96 @@ def trl_sft_direct(cfg, base: Path, work: Path) -> list:
         dataloader_num_workers=0,
     )
     timer = timing_callback()
-    data = Dataset.from_list([{"messages": r["messages"]} for r in rows])
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[timer])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=finetune.conversation_dataset(convs),
+                         processing_class=tok, callbacks=[timer])
     trainer.train()
     return timer.records
 
 
+def plain_loop(ctx: Context, cfg, base: Path, corpus: Path, work: Path, peft_config=None) -> float:
+    """Tokens/s of the minimal loop on the stage's own model (with its adapters for LoRA) and packed batches:
+    forward, backward, AdamW on the trainable parameters; no schedule, logging, metrics or checkpoints."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.data import posttrain_data
+    from lmforge.tracking import NullTracker
+    from lmforge.training import finetune
+
+    tok, convs, device = finetune.prepare(cfg, base, "sft", corpus)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    trainer = finetune.make_trainer(cfg, model, tok, convs, posttrain_data.conversations("test", 4, cfg.seed), work,
+                                    device, NullTracker(), [], peft_config)  # for its model and batches only
+    model = trainer.model.to(device).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay, fused=device == "cuda")
+    batches = iter(trainer.get_train_dataloader())
+
+    def step() -> int:
+        batch = next(batches)
+        real = int(batch.pop(finetune.REAL_TOKENS))
+        model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return real
+
+    for _ in range(ctx.sizes.sft_warm):
+        step()
+    start, tokens = time.perf_counter(), 0
+    for _ in range(ctx.sizes.sft_steps):
+        tokens += step()
+    return tokens / (time.perf_counter() - start)
+
+
 def sft_rows(ctx: Context) -> list[Row]:
-    stage = stage_module("sft")
-    base = base_model(ctx)
-    cfg = sft_config(ctx)
-    warm = ctx.sizes.sft_warm
-    ours, theirs = [], []
-    for i in range(ctx.sizes.repeats):
-        log(f"sft: stage run {i + 1}/{ctx.sizes.repeats}")
+    """3a sft stage vs TRL called directly; 3c sft and 3e lora stages vs the plain loop on the same batches;
+    3d packed vs padded batches in the sft stage."""
+    sft, lora = stage_module("sft"), stage_module("lora")
+    base, (corpus, _) = base_model(ctx), ctx.data()
+    cfg, lora_cfg = sft_config(ctx), sft_config(ctx, "lora")
+    padded = cfg.model_copy(update={"padding_free": False})
+    warm, runs = ctx.sizes.sft_warm, {k: [] for k in ("stage", "padded", "trl", "loop", "lora", "lora_loop")}
+
+    def stage_rate(module, c, name: str) -> float:
         rec = Recorder()
-        stage.run(cfg, base=base, out=_fresh(ctx, f"sft-{i}"), tracker=rec)
-        ours.append(steady_rate(rec.records, "train/num_tokens", warm))
-        log(f"sft: TRL SFTTrainer directly {i + 1}/{ctx.sizes.repeats}")
-        theirs.append(steady_rate(trl_sft_direct(cfg, base, _fresh(ctx, f"sft-trl-{i}")), "num_tokens", warm))
-    note = (f"batch {cfg.batch_size}, {ctx.sizes.sft_steps} steps timed after {warm}; tokens = non-padding tokens "
-            f"(TRL's num_tokens); best of {ctx.sizes.repeats}")
-    return [ratio_row("3a", "sft_throughput", "SFT throughput (sft stage)", max(ours), max(theirs), "tokens/s",
-                      baseline_name="TRL SFTTrainer called directly", at_least=0.95, note=note,
-                      stage_runs=ours, baseline_runs=theirs)]
+        module.run(c, base=base, corpus=corpus, out=_fresh(ctx, name), tracker=rec)
+        return steady_rate(rec.records, "train/num_tokens", warm)
+
+    for i in range(ctx.sizes.repeats):
+        log(f"sft: stage, padded, TRL directly, plain loop; lora: stage, plain loop ({i + 1}/{ctx.sizes.repeats})")
+        runs["stage"].append(stage_rate(sft, cfg, f"sft-{i}"))
+        runs["padded"].append(stage_rate(sft, padded, f"sft-padded-{i}"))
+        runs["trl"].append(steady_rate(trl_sft_direct(cfg, base, corpus, _fresh(ctx, f"sft-trl-{i}")), "num_tokens", warm))
+        runs["loop"].append(plain_loop(ctx, cfg, base, corpus, _fresh(ctx, f"sft-loop-{i}")))
+        runs["lora"].append(stage_rate(lora, lora_cfg, f"lora-{i}"))
+        tok = sft_tokenizer(base)
+        runs["lora_loop"].append(plain_loop(ctx, lora_cfg, base, corpus, _fresh(ctx, f"lora-loop-{i}"),
+                                            lora.adapter_config(lora_cfg, tok)))
+    best = {k: max(v) for k, v in runs.items()}
+    note = (f"batch {cfg.batch_size} (replay share {cfg.replay_share}), {ctx.sizes.sft_steps} steps timed after {warm}; "
+            f"tokens = conversation tokens, padding not counted; best of {ctx.sizes.repeats}")
+    return [
+        ratio_row("3a", "sft_throughput", "SFT throughput (sft stage)", best["stage"], best["trl"], "tokens/s",
+                  baseline_name="TRL SFTTrainer called directly (its padded batches)", at_least=0.95,
+                  note=note + "; the stage packs its batches (padding_free)", stage_runs=runs["stage"],
+                  baseline_runs=runs["trl"]),
+        ratio_row("3c", "sft_vs_loop", "SFT throughput vs a plain PyTorch loop (sft stage)", best["stage"],
+                  best["loop"], "tokens/s", baseline_name="forward, backward, AdamW on the same model and batches",
+                  at_least=0.95, note=note, stage_runs=runs["stage"], baseline_runs=runs["loop"]),
+        ratio_row("3d", "sft_packing", "SFT throughput, packed vs padded batches (sft stage)", best["stage"],
+                  best["padded"], "tokens/s", baseline_name="the same stage with padding_free: false", note=note,
+                  stage_runs=runs["stage"], baseline_runs=runs["padded"]),
+        ratio_row("3e", "lora_vs_loop", "LoRA throughput vs a plain PyTorch loop (lora stage)", best["lora"],
+                  best["lora_loop"], "tokens/s", baseline_name="forward, backward, AdamW on the same adapters and batches",
+                  at_least=0.95, note=note + f"; r {lora_cfg.r} on {len(lora_cfg.target_modules)} module kinds",
+                  stage_runs=runs["lora"], baseline_runs=runs["lora_loop"]),
+    ]
+
+
+def sft_tokenizer(base: Path):
+    from lmforge.models import load_tokenizer
+
+    return load_tokenizer(base)
 
 
 # ----------------------------------------------------------------------------------------------- ppo

@@ -56,11 +56,21 @@ def load_base(base: Path, cfg: LoraConfig, device: str):
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
+def adapter_config(cfg: LoraConfig, tokenizer):
+    """PEFT's LoRA config from the stage's knobs."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+        trainable_token_indices=(chat_token_ids(tokenizer) or None) if cfg.train_chat_tokens else None,
+        task_type="CAUSAL_LM",
+    )
+
+
 def run(cfg: LoraConfig, *, base: Path, out: Path, tracker, checkpoints: Path | None = None,
         corpus: Path | None = None) -> dict:
     """LoRA (or QLoRA) fine-tuning of a pretrained model on chat conversations; saves the adapter and a merged model."""
     import torch
-    from peft import LoraConfig as PeftLoraConfig
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -70,11 +80,7 @@ def run(cfg: LoraConfig, *, base: Path, out: Path, tracker, checkpoints: Path | 
     missing = sorted(set(cfg.target_modules) - present)
     if missing:
         raise InputError(f"{base}: target_modules {missing} are not modules of this model")
-    peft_config = PeftLoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
-        trainable_token_indices=(chat_token_ids(tokenizer) or None) if cfg.train_chat_tokens else None,
-        task_type="CAUSAL_LM",
-    )
+    peft_config = adapter_config(cfg, tokenizer)
     trainer, metrics = finetune(cfg, model, tokenizer, train_convs, out, tracker, device, peft_config=peft_config,
                                 checkpoints=checkpoints, fp=resume.fingerprint(cfg, [base], train_convs))
     trainable, total = trainer.model.get_nb_trainable_parameters()

@@ -43,6 +43,15 @@ def test_pretrain_and_mfu_rows_measure_both_sides(ctx):
     assert (training.base_model(ctx) / "config.json").exists()  # row 1's model feeds the sft/ppo rows
 
 
+def test_sft_rows_time_the_stages_against_trl_the_plain_loop_and_padding(ctx):
+    rows = training.sft_rows(ctx)
+    assert [(r.number, r.status) for r in rows] == [("3a", "ok"), ("3c", "ok"), ("3d", "ok"), ("3e", "ok")]
+    for r in rows:
+        assert r.ours > 0 and r.baseline > 0 and math.isfinite(r.value)
+    assert rows[0].ours == rows[1].ours == rows[2].ours  # one stage figure, three baselines
+    assert rows[1].target == rows[3].target == "≥ 0.95×" and rows[2].target == "report"
+
+
 def test_tokenizer_row_compares_with_sentencepiece(ctx):
     import sentencepiece  # noqa: F401  (a dev dependency: missing is a failure, not a skip)
     time_row, bpt_row, char_row = tokenizing.tokenizer_rows(ctx, vocab_size=300)
