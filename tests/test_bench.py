@@ -52,6 +52,18 @@ def test_sft_rows_time_the_stages_against_trl_the_plain_loop_and_padding(ctx):
     assert rows[1].target == rows[3].target == "≥ 0.95×" and rows[2].target == "report"
 
 
+def test_profiles_list_the_top_operators_of_sft_and_lora_steps(ctx):
+    from bench import profiling
+
+    profiles = [profiling.profile_stage(ctx, stage, warm=1, steps=2) for stage in ("sft", "lora")]
+    for p in profiles:
+        assert p["step_s"] > 0 and 3 <= len(p["rows"]) <= profiling.TOP
+        assert any(name in ("aten::mm", "aten::addmm", "aten::bmm") for name, *_ in p["rows"])
+        assert sum(share for _, share, _, _ in p["rows"]) <= 1
+    page = profiling.markdown(profiles, {}, "abc1234", 2)
+    assert "## sft:" in page and "## lora:" in page and "abc1234" in page
+
+
 def test_tokenizer_row_compares_with_sentencepiece(ctx):
     import sentencepiece  # noqa: F401  (a dev dependency: missing is a failure, not a skip)
     time_row, bpt_row, char_row = tokenizing.tokenizer_rows(ctx, vocab_size=300)
