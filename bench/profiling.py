@@ -41,14 +41,14 @@ def profile_stage(ctx: Context, stage: str, warm: int, steps: int) -> dict:
 
     class Step(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
+            clock.append(time.perf_counter())  # before step(), which reads the trace out when the window closes
             prof.step()
-            clock.append(time.perf_counter())
 
     trainer.add_callback(Step())
     with prof:
         trainer.train()
     seconds = (clock[-1] - clock[warm - 1]) / steps
-    events = sorted(captured[0], key=lambda e: -e.self_cpu_time_total)
+    events = sorted((e for e in captured[0] if not e.key.startswith("ProfilerStep")), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in events)
     return {"stage": stage, "batch_size": cfg.batch_size, "step_s": seconds, "rows": [
         (e.key, e.self_cpu_time_total / total, e.self_cpu_time_total / 1e3 / steps, e.count / steps)
@@ -60,7 +60,8 @@ def markdown(profiles: list[dict], m: dict, commit: str, steps: int) -> str:
              "<!-- Written by `python -m bench.profiling`. Do not edit by hand. -->", "",
              f"Machine: {report.machine_line(m)}. Commit {commit}. torch.profiler over {steps} optimizer steps of "
              "each stage's own trainer after a warm-up, the default preset's settings (packed batches, replay) on a "
-             "model of the default shape; operators by the time spent in themselves.", ""]
+             "model of the default shape; operators by the time spent in themselves (the share is of all operators' "
+             "own time; the step time is wall time, with the profiler on).", ""]
     for p in profiles:
         lines += [f"## {p['stage']}: {p['step_s'] * 1e3:.0f} ms per step (batch {p['batch_size']})", "",
                   "| operator | share of CPU time | ms per step | calls per step |", "| --- | ---: | ---: | ---: |"]

@@ -2,7 +2,8 @@
 
 1. Knob tables: every section of `lmforge.config.SECTIONS` has a table in docs/stages.md, and each table is
    exactly what `python -m lmforge.cli.docs` generates from the pydantic models (run it after changing a knob).
-2. No hand-written figures: README.md and docs/*.md (docs/benchmarks.md excepted: `python -m bench` writes it)
+2. No hand-written figures: README.md and docs/*.md (docs/benchmarks.md and docs/profiles.md excepted: `python -m
+   bench` and `python -m bench.profiling` write them)
    contain no measured figure outside what a command writes. A figure is a number with a unit of measure
    (`12 s`, `3.5 min`, `40%`, `1.13×`, `7.5 MB`, `3,993 tokens/s`, ...) or a decimal number (`0.19`, `4.22`).
    Not scanned: fenced code blocks and inline code (commands and knob values, not measurements), the generated
@@ -23,7 +24,7 @@ from lmforge.cli import docs
 from lmforge.config import SECTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
-GENERATED = {ROOT / "docs" / "benchmarks.md"}
+GENERATED = {ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "profiles.md"}
 UNIT = (r"(?:%|×|ms|s|sec|seconds?|min|minutes?|h|hours?|[KMGT]i?B|[KMG]?FLOP/s|tokens?/s|bytes?/token|"
         r"steps?/s|it/s|GHz)")
 FIGURE = re.compile(rf"(?<![\w.])(?:\d[\d,]*(?:\.\d+)?\s?{UNIT}(?![\w/])|\d+\.\d+(?![\w.]))")

@@ -131,8 +131,8 @@ class SftConfig(TrainingSection):
     weight_decay: float = F(0.0, "AdamW weight decay", ge=0)
     max_length: int = F(256, "truncate training conversations to this many tokens", gt=0)
     padding_free: bool = F(True, "pack each batch's conversations end to end into rows of max_length, attention kept "
-                           "within each conversation: the padded batch's loss without its padding (default preset: "
-                           "sft 1.9x, lora 3.3x faster; docs/benchmarks.md)")
+                           "within each conversation: the padded batch's loss without the compute spent on padding "
+                           "(docs/benchmarks.md, row 3d)")
     assistant_only_loss: bool = F(True, "loss on assistant tokens only (prompt tokens get label -100)")
     log_every: int = F(10, "steps between logged training metrics", gt=0)
     eval_every: int = F(100, "steps between held-out loss evaluations (the eval/loss curve); 0: only before and after training", ge=0)
