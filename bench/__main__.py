@@ -124,10 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = sizes_for(args.quick, torch.cuda.is_available())
     ctx = Context(sizes, full=args.full, records=args.records, workdir=args.workdir, keep=args.keep)
     log(f"sizes {sizes.name}, workspace {ctx.workdir}")
-    from lmforge.runtime import cpu_flags
-
     machine = describe()
-    machine["cpu_flags"] = sorted(cpu_flags())
     commit, created = report.git_commit(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
     previous = report.previous_rows(args.out)
     start, load_start = time.perf_counter(), load_avg()

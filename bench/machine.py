@@ -20,6 +20,8 @@ def cpu_model() -> str:
 def describe() -> dict:
     import torch
 
+    from lmforge.runtime import cpu_flags
+
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -35,6 +37,7 @@ def describe() -> dict:
         "os": platform.platform(),
         "python": platform.python_version(),
         "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "(unset)"),
+        "cpu_flags": sorted(cpu_flags()),
         "versions": {},
     }
     try:

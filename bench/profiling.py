@@ -85,10 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 profiles.append(profile_stage(ctx, stage, args.warm, args.steps))
         finally:
             ctx.close()
-    from lmforge.runtime import cpu_flags
-
-    m = {**machine.describe(), "cpu_flags": sorted(cpu_flags())}
-    args.doc.write_text(markdown(profiles, m, report.git_commit(), args.steps) + "\n")
+    args.doc.write_text(markdown(profiles, machine.describe(), report.git_commit(), args.steps) + "\n")
     log(f"wrote {args.doc}")
     return 0
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from bench.core import ROOT, Context, Row, Skip, base_env, fmt, limit_row, log, ratio_row, run_cmd
 
 LIMIT_S = 600.0
+CPUS = 2
 
 
 def lifecycle_limit() -> tuple[float, str]:
@@ -28,7 +29,6 @@ def lifecycle_limit() -> tuple[float, str]:
     if "avx512f" in cpu_flags():
         return 300.0, "limit for a CPU with AVX-512 (600 s with AVX2 alone)"
     return LIMIT_S, "limit for a CPU with AVX2 alone (300 s with AVX-512)"
-CPUS = 2
 
 
 def stage_metrics(out: Path) -> dict[str, dict]:

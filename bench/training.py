@@ -284,10 +284,13 @@ def plain_loop(ctx: Context, cfg, base: Path, corpus: Path, work: Path, peft_con
 def sft_rows(ctx: Context) -> list[Row]:
     """3a sft stage vs TRL called directly; 3c sft and 3e lora stages vs the plain loop on the same batches;
     3d packed vs padded batches in the sft stage."""
+    from lmforge.models import load_tokenizer
+
     sft, lora = stage_module("sft"), stage_module("lora")
     base, (corpus, _) = base_model(ctx), ctx.data()
     cfg, lora_cfg = sft_config(ctx), sft_config(ctx, "lora")
     padded = cfg.model_copy(update={"padding_free": False})
+    adapters = lora.adapter_config(lora_cfg, load_tokenizer(base))
     warm, runs = ctx.sizes.sft_warm, {k: [] for k in ("stage", "padded", "trl", "loop", "lora", "lora_loop")}
 
     def stage_rate(module, c, name: str) -> float:
@@ -302,9 +305,7 @@ def sft_rows(ctx: Context) -> list[Row]:
         runs["trl"].append(steady_rate(trl_sft_direct(cfg, base, corpus, _fresh(ctx, f"sft-trl-{i}")), "num_tokens", warm))
         runs["loop"].append(plain_loop(ctx, cfg, base, corpus, _fresh(ctx, f"sft-loop-{i}")))
         runs["lora"].append(stage_rate(lora, lora_cfg, f"lora-{i}"))
-        tok = sft_tokenizer(base)
-        runs["lora_loop"].append(plain_loop(ctx, lora_cfg, base, corpus, _fresh(ctx, f"lora-loop-{i}"),
-                                            lora.adapter_config(lora_cfg, tok)))
+        runs["lora_loop"].append(plain_loop(ctx, lora_cfg, base, corpus, _fresh(ctx, f"lora-loop-{i}"), adapters))
     best = {k: max(v) for k, v in runs.items()}
     note = (f"batch {cfg.batch_size} (replay share {cfg.replay_share}), {ctx.sizes.sft_steps} steps timed after {warm}; "
             f"tokens = conversation tokens, padding not counted; best of {ctx.sizes.repeats}")
@@ -324,12 +325,6 @@ def sft_rows(ctx: Context) -> list[Row]:
                   at_least=0.95, note=note + f"; r {lora_cfg.r} on {len(lora_cfg.target_modules)} module kinds",
                   stage_runs=runs["lora"], baseline_runs=runs["lora_loop"]),
     ]
-
-
-def sft_tokenizer(base: Path):
-    from lmforge.models import load_tokenizer
-
-    return load_tokenizer(base)
 
 
 # ----------------------------------------------------------------------------------------------- ppo

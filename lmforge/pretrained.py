@@ -60,13 +60,15 @@ def gguf_cache(source: Source) -> Path:
     import hashlib
     import os
 
+    from lmforge.runtime import user_cache
+
     path = Path(source.where) / str(source.gguf_file)
     size = path.stat().st_size
     with path.open("rb") as fh:
         head = fh.read(1 << 20)
         fh.seek(max(0, size - (1 << 20)))
         key = hashlib.sha256(head + fh.read() + str(size).encode()).hexdigest()[:20]
-    root = Path(os.environ.get("LMFORGE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge")
+    root = Path(os.environ["LMFORGE_CACHE"]) if os.environ.get("LMFORGE_CACHE") else user_cache()
     return root / "gguf" / f"{path.stem}-{key}"
 
 

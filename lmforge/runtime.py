@@ -26,6 +26,15 @@ def pick_device(choice: str, stage: str = "", num_threads: int = 0):
     return torch.device("cpu")
 
 
+def user_cache():
+    """lmforge's folder in the user's cache (XDG_CACHE_HOME, else ~/.cache): what is built or converted once per
+    machine (the compression environment, dequantised GGUF files)."""
+    import os
+    from pathlib import Path
+
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge"
+
+
 def cpu_flags() -> set[str]:
     """The instruction sets torch's own CPU dispatch detects (what lmforge's kernels can use), as /proc names."""
     import torch

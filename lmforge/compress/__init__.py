@@ -44,8 +44,9 @@ def env_dir() -> Path:
     """Where the environment lives: LMFORGE_COMPRESS_ENV, else the user's cache, named by the pins' hash."""
     if os.environ.get(ENV_DIR):
         return Path(os.environ[ENV_DIR])
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "lmforge" / f"compress-{_stamp()}"
+    from lmforge.runtime import user_cache
+
+    return user_cache() / f"compress-{_stamp()}"
 
 
 def python() -> Path:
