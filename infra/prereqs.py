@@ -3,7 +3,7 @@
 root), moto's own virtual environment (its botocore conflicts with dvc-s3's, so it cannot share .venv), and
 Debian's `chromium`, the browser the UI test drives with Playwright (Playwright's own browser download needs a
 CDN, not a package registry), and llama.cpp in its own virtual environment (llama-cpp-python compiled from its
-source distribution: minutes, once per checkout), which the export test runs exported GGUF files in.
+source distribution: about two minutes, once per checkout), which the export test runs exported GGUF files in.
 
 `python -m infra prereqs` installs them (`make test`, `make test-team` and `make infra-up` run it first);
 `--check` only looks. What cannot be installed raises Missing: one line, what is missing and the command that
@@ -24,8 +24,13 @@ S3_ENV = INFRA / ".venv-s3"
 LLAMA_ENV = INFRA / ".venv-llama"  # llama.cpp (llama-cpp-python, compiled from source) for the export test
 LLAMA_CPP = "llama-cpp-python==0.3.36"
 # A portable build (AVX2, FMA, F16C), not one tuned to the building CPU: a native build on a Xeon with AMX runs AMX
-# tile instructions that a virtual machine may not grant (SIGILL), and a venv may move to another CPU.
-LLAMA_CMAKE = "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+# tile instructions that a virtual machine may not grant (SIGILL), and a venv may move to another CPU. Only the
+# library the bindings load (libllama and ggml) is compiled: the package's own build adds llama.cpp's common
+# library and the multimodal one, which the check never loads, and takes about three times as long.
+LLAMA_CMAKE = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DBUILD_SHARED_LIBS=ON "
+               "-DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF "
+               "-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release "
+               "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON -DCMAKE_INSTALL_RPATH=$ORIGIN")
 PG_OS_USER = os.environ.get("LMFORGE_PG_OS_USER", "postgres")  # who runs PostgreSQL when we are root
 
 
@@ -116,7 +121,8 @@ def chromium(install: bool) -> Path:
 
 
 def llama_cpp(install: bool) -> Path:
-    """infra/.venv-llama with llama-cpp-python, compiled from source (its build needs cmake and a C++ compiler)."""
+    """infra/.venv-llama with llama-cpp-python's bindings and llama.cpp's library compiled from the package's
+    source distribution (needs cmake and a C++ compiler)."""
     python = LLAMA_ENV / "bin" / "python"
     probe = [str(python), "-c", "import llama_cpp"]
     stamp = LLAMA_ENV / "cmake-args"  # what the library was built with: other flags mean a rebuild
@@ -125,14 +131,38 @@ def llama_cpp(install: bool) -> Path:
         return python
     if not install:
         raise Missing(f"llama.cpp is not installed: python -m infra prereqs builds {LLAMA_ENV} ({LLAMA_CPP})")
+    print(f"building llama.cpp ({LLAMA_CPP}) into {LLAMA_ENV}: about two minutes on 2 cores, once",
+          file=sys.stderr, flush=True)
+    fix = (f"could not build {LLAMA_CPP} into {LLAMA_ENV} (needs the package registry, cmake and g++): "
+           f"python -m infra prereqs")
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(LLAMA_ENV)], check=True)
-    # no wheel cache: pip would hand back a wheel built with other flags (its cache key ignores CMAKE_ARGS)
-    cmd = [str(python), "-m", "pip", "install", "-q", "--no-cache-dir", LLAMA_CPP]
-    print(f"building llama.cpp ({LLAMA_CPP}) into {LLAMA_ENV}: a few minutes, once", file=sys.stderr, flush=True)
-    env = {**os.environ, "CMAKE_ARGS": LLAMA_CMAKE}
-    if subprocess.run(cmd, env=env).returncode != 0 or subprocess.run(probe, capture_output=True).returncode != 0:
-        raise Missing(f"could not build {LLAMA_CPP} into {LLAMA_ENV} (needs the package registry, cmake and g++): "
-                      f"CMAKE_ARGS='{LLAMA_CMAKE}' {' '.join(cmd)}")
+    pip = [str(python), "-m", "pip", "install", "-q", "--no-cache-dir"]
+    work = LLAMA_ENV / "build"
+    steps = [  # the bindings alone (LLAMA_BUILD=OFF compiles nothing), then the library from the same source
+        (pip + [LLAMA_CPP], {"CMAKE_ARGS": "-DLLAMA_BUILD=OFF"}),
+        ([str(python), "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", str(work), LLAMA_CPP], {}),
+    ]
+    for cmd, env in steps:
+        if subprocess.run(cmd, env={**os.environ, **env}).returncode != 0:
+            raise Missing(f"{fix} ({' '.join(cmd)} failed)")
+    import tarfile
+
+    (sdist,) = work.glob("*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        tar.extractall(work, filter="data")
+    (source,) = work.glob("*/vendor/llama.cpp")
+    jobs = str(os.cpu_count() or 2)
+    for cmd in (["cmake", "-S", str(source), "-B", str(work / "cmake"), *LLAMA_CMAKE.split()],
+                ["cmake", "--build", str(work / "cmake"), "--target", "llama", "-j", jobs]):
+        if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:
+            raise Missing(f"{fix} ({' '.join(cmd[:4])} ... failed)")
+    (package,) = LLAMA_ENV.glob("lib/python*/site-packages/llama_cpp")
+    (package / "lib").mkdir(exist_ok=True)
+    for lib in (work / "cmake" / "bin").glob("lib*.so*"):  # they find each other beside them ($ORIGIN)
+        shutil.copy2(lib, package / "lib" / lib.name, follow_symlinks=False)
+    shutil.rmtree(work)
+    if subprocess.run(probe, capture_output=True).returncode != 0:
+        raise Missing(f"{fix} (import llama_cpp fails after the build)")
     stamp.write_text(LLAMA_CMAKE)
     return python
 
