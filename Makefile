@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 PRESET ?=
 # TEAM=1: run against the team stack (`make infra-up`): its servers, the registry and the DVC remote `team`
 TEAM ?=
+# workers for the test suite: auto = one per core; 0 = none (the tests in this process, e.g. to debug one)
+XDIST ?= auto
+PARALLEL := $(if $(filter 0,$(XDIST)),,-n $(XDIST) --dist loadscope)
 STACK ?= $(or $(LMFORGE_STACK),infra/.stack)
 # the Python versions the pinned stack installs and passes its tests on (README: Supported Pythons)
 PY_MIN := 3.11
@@ -70,10 +73,11 @@ infra-status: $(STAMP)
 
 # The team stack's prerequisites first (infra/prereqs.py: PostgreSQL through apt as root, moto's own venv). Where
 # they cannot be installed, it says why in one line and the tests run anyway: the team test then fails naming
-# the fix, and every other result still shows.
+# the fix, and every other result still shows. The tests run in one worker per core (pytest-xdist), a module's
+# tests in one worker (tests/conftest.py); XDIST=0 runs them in this process.
 test: $(STAMP)
 	-$(BIN)/python -m infra prereqs
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PARALLEL)
 
 # Only the team stack's integration test (PostgreSQL, S3, MLflow and Prefect servers on loopback); `make test`
 # runs it too.
@@ -83,11 +87,11 @@ test-team: $(STAMP)
 
 # Everything but the slow integration tests (the real flow end to end): a developer's inner loop.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" $(PARALLEL)
 
 # Another supported Python in its own venv (CI runs 3.12 and 3.13 this way): the unit tests on it.
 test-compat: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
+	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider $(PARALLEL)
 
 bench: $(STAMP)
 	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c infra/constraints.txt -e '.[bench]' 2>/dev/null \

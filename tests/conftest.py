@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,10 @@ from infra.stack import free_port
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LMFORGE_TRACKING", "off")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if worker := os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs a worker per core (pytest-xdist)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread each, not every worker on every core
+    # flows run without a server start Prefect's ephemeral one on PREFECT_HOME's database: one per worker
+    os.environ.setdefault("PREFECT_HOME", os.path.join(tempfile.gettempdir(), f"lmforge-tests-prefect-{worker}"))
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -295,3 +300,30 @@ def lifecycle_run(lifecycle_project, prefect_server):
         os.environ.clear()
         os.environ.update(saved)
     return results
+
+
+# Under pytest-xdist (`make test`: -n auto --dist loadscope) each module's tests run in one worker, so its module
+# fixtures are built once; the modules that read the tiny lifecycle's one flow run share a worker; and the longest
+# modules start first, so that no worker is left alone with one at the end.
+SHARED_RUN = {"tests/test_ui.py": "tests/test_flow.py"}
+LONGEST_FIRST = ("tests/test_flow.py", "tests/test_ui.py", "tests/test_team.py", "tests/test_smollm2.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return SHARED_RUN.get(module, module)
+
+    config.option.loadscopereorder = False  # keep the collection's order (below), not the most tests first
+    return ByModule(config, log)
+
+
+def pytest_collection_modifyitems(items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {module: i for i, module in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: the rest keep theirs
