@@ -28,7 +28,7 @@ GROUPS: list[tuple[str, str, str, Callable]] = [
     ("stage_overhead", "6", "Per-stage overhead of Prefect + DVC + MLflow", orchestration.stage_overhead_rows),
     ("lifecycle", "7", "Default lifecycle, all stages, 2-core CPU", records.lifecycle_rows),
     ("quantize", "8", "Quantised generation vs fp32", records.quantize_rows),
-    ("tests", "9", "Test suite (pytest -q), 2-core CPU", records.test_rows),
+    ("tests", "9", "Test suite (make test's pytest, one worker per core), 2-core CPU", records.test_rows),
     ("serving", "10", "Export (GGUF) and serving (OpenAI-compatible API)", serving.serving_rows),
     ("compression", "11", "Compression: QAT and GPTQ vs post-training rounding; distillation vs its control",
      records.compression_rows),
