@@ -188,6 +188,15 @@ def compression_rows(ctx: Context) -> list[Row]:
     return rows
 
 
+def module_seconds(report: str) -> dict[str, float]:
+    """Seconds per test module from pytest's `--durations=0` lines ("1.23s call tests/test_x.py::test_y"),
+    the heaviest first: where the suite's time goes."""
+    totals: dict[str, float] = {}
+    for seconds, module in re.findall(r"^([0-9.]+)s (?:setup|call|teardown) +([^:\s]+)::", report, re.M):
+        totals[module] = totals.get(module, 0.0) + float(seconds)
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
 def test_rows(ctx: Context, previous: dict | None = None) -> list[Row]:
     if ctx.full:
         log(f"tests: pytest -q on {CPUS} CPUs, a worker each, as `make test` runs it (minutes)")
@@ -195,17 +204,20 @@ def test_rows(ctx: Context, previous: dict | None = None) -> list[Row]:
         start = time.perf_counter()
         try:
             _, stdout = run_cmd([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", str(CPUS),
-                                 "--dist", "loadscope"], ROOT, env, timeout=3 * 3600, cpus=CPUS)
+                                 "--dist", "loadscope", "--durations=0"], ROOT, env, timeout=3 * 3600, cpus=CPUS)
             outcome = "passed"
         except Exception as err:  # a failing suite still has a wall time; the note says it failed
             stdout, outcome = str(err), "FAILED"
         seconds = time.perf_counter() - start
         summary = next((ln for ln in reversed(stdout.splitlines()) if re.search(r"passed|failed|error", ln)), "")
-        note = f"pinned to {CPUS} CPUs, GPU hidden: {outcome}; {summary.strip('= ')}"
+        modules = module_seconds(stdout)
+        heaviest = ", ".join(f"{m} {fmt(v, 's')}" for m, v in list(modules.items())[:6])
+        note = (f"pinned to {CPUS} CPUs, GPU hidden: {outcome}; {summary.strip('= ')}; worker seconds by module "
+                f"(setup, call and teardown; the workers run side by side): {heaviest}")
         row = limit_row("9", "test_suite", "Test suite (make test's pytest, one worker per core), 2-core CPU",
                         seconds, LIMIT_S,
                         note="measured here, " + note, source="measured", measured_note=note,
-                        recorded=time.strftime("%Y-%m-%d %H:%M"))
+                        recorded=time.strftime("%Y-%m-%d %H:%M"), modules=modules)
         if outcome != "passed":
             row.met = False
         return [row]

@@ -245,3 +245,14 @@ def test_a_group_rerun_replaces_its_rows_and_keeps_another_presets():
     assert [(r["key"], r["run"]["commit"]) for r in again if r["group"] == "compression"] == \
         [("compression.qat_vs_rtn", "b"), ("compression.qat_vs_rtn.smollm2", "b")]
     assert any(r["key"] == "lifecycle" for r in again)  # a group that did not run stays as it was
+
+
+def test_row_9_sums_the_durations_report_by_module():
+    report = ("=== slowest durations ===\n"
+              "120.50s setup    tests/test_flow.py::test_first_run\n"
+              "3.00s call     tests/test_flow.py::test_second_run[a::b]\n"
+              "7.25s teardown tests/test_team.py::test_stack\n"
+              "0.01s call     tests/test_words.py::test_words\n"
+              "2 passed in 130.76s (0:02:10)\n")
+    assert records.module_seconds(report) == {"tests/test_flow.py": 123.5, "tests/test_team.py": 7.25,
+                                              "tests/test_words.py": 0.01}

@@ -161,14 +161,16 @@ def test_changed_param_reruns_its_stage_and_downstream_only(project, first_run, 
 
     params = project / "params.yaml"
     text = params.read_text()
-    section = text.index("\nreward:")
-    new = text[:section] + text[section:].replace("  lr: 0.0003", "  lr: 0.0002", 1)
+    section = text.index("\ngrpo:")
+    new = text[:section] + text[section:].replace("  lr: 5e-05", "  lr: 4e-05", 1)
     assert new != text
     params.write_text(new)
     status = _statuses(lifecycle(root=str(project), experiment="lmforge"))
-    # upstream and sibling stages are cached; reward and everything that reads its output re-run
-    assert not any(status[s] for s in ("mix", "tokenizer", "pretrain", "sft", "lora"))
-    assert all(status[s] for s in ("reward", "ppo", "quantize", "evaluate"))
+    # upstream stages and grpo's siblings (ppo and dpo read the same policy and reward model) are cached; grpo and
+    # everything that reads its output re-run
+    assert not any(status[s] for s in ("mix", "base", "tokenizer", "pretrain", "distill", "sft", "lora", "reward",
+                                       "ppo", "dpo"))
+    assert all(status[s] for s in ("grpo", "quantize", "evaluate", "export"))
 
 
 def test_report_card_is_written_with_plots(project, first_run):
