@@ -204,7 +204,9 @@ def run_cmd(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 180
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
-        raise BenchError(f"{' '.join(cmd[:5])} … exited {proc.returncode}: " + " | ".join(tail))
+        failed = BenchError(f"{' '.join(cmd[:5])} … exited {proc.returncode}: " + " | ".join(tail))
+        failed.output = proc.stdout  # whole, for a caller that reads a failing command's report
+        raise failed
     return seconds, proc.stdout
 
 

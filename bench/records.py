@@ -206,12 +206,14 @@ def test_rows(ctx: Context, previous: dict | None = None) -> list[Row]:
             _, stdout = run_cmd([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", str(CPUS),
                                  "--dist", "loadscope", "--durations=0"], ROOT, env, timeout=3 * 3600, cpus=CPUS)
             outcome = "passed"
-        except Exception as err:  # a failing suite still has a wall time; the note says it failed
-            stdout, outcome = str(err), "FAILED"
+        except Exception as err:  # a failing suite still has a wall time; the note says it failed, and what
+            stdout, outcome = getattr(err, "output", "") or str(err), "FAILED"
         seconds = time.perf_counter() - start
         summary = next((ln for ln in reversed(stdout.splitlines()) if re.search(r"passed|failed|error", ln)), "")
         modules = module_seconds(stdout)
         heaviest = ", ".join(f"{m} {fmt(v, 's')}" for m, v in list(modules.items())[:6])
+        failures = re.findall(r"^FAILED (\S+)", stdout, re.M)
+        outcome += f" ({', '.join(failures)})" if failures else ""
         note = (f"pinned to {CPUS} CPUs, GPU hidden: {outcome}; {summary.strip('= ')}; worker seconds by module "
                 f"(setup, call and teardown; the workers run side by side): {heaviest}")
         row = limit_row("9", "test_suite", "Test suite (make test's pytest, one worker per core), 2-core CPU",
