@@ -2,8 +2,8 @@
 
 7. the default lifecycle, all nine stages, on a 2-core CPU: ≤ 10 minutes of wall time;
 8. quantised generation per variant vs fp32 (the quantize stage measures it; read from its metrics);
-9. the test suite as `make test` runs it (pytest, a worker per core), the environment built, on a 2-core CPU:
-   ≤ 10 minutes.
+9. the test suite as `make test` runs it (pytest, a worker per core; the environment not counted, it is already
+   built), on a 2-core CPU: ≤ 10 minutes.
 
 `--full` pins the child process to two CPUs and hides any GPU, so a bigger machine stands in for the
 2-core CPU the limits are about.
