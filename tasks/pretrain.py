@@ -1,7 +1,8 @@
 """pretrain: a Llama-style decoder from random init (or a given causal LM), causal-LM objective on packed sequences.
 
 Tokenises the corpus once into flat arrays (tokenisation stays off the hot path), then trains with
-AdamW, linear warm-up and cosine decay, gradient clipping and accumulation, bf16 autocast on CUDA.
+Muon for the hidden matrices and AdamW for the rest (or AdamW alone: `optimizer`), linear warm-up and cosine
+decay, gradient clipping and accumulation, bf16 autocast on CUDA.
 Evaluates held-out loss per source, checkpoints periodically and resumes from the last checkpoint
 when it was written by the same config and data. Output loads with `AutoModelForCausalLM`.
 
@@ -31,7 +32,9 @@ from lmforge.lm import (build_model, eval_windows, fingerprint, flops_per_token,
                         resolve_device, save_checkpoint, tokenize_split)
 from lmforge.models import NOT_WRITTEN, check_weights, context_length, read_tokenizer
 from lmforge.errors import InputError
+from lmforge.runtime import native_bf16
 from lmforge.stage import cli, write_meta
+from lmforge.training import muon
 from lmforge.tracking import Tracker
 
 
@@ -127,6 +130,9 @@ def run(cfg: PretrainConfig, *, corpus: Path, tokenizer: Path, out: Path, tracke
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     base = None if base is None or (Path(base) / NOT_WRITTEN).is_file() else Path(base)
+    if cfg.optimizer == "muon" and distributed.world_size() > 1 and distributed.strategy() == "fsdp":
+        raise InputError("pretrain.optimizer muon orthogonalises whole matrices and FSDP shards them: "
+                         "use launch.strategy ddp, or pretrain.optimizer adamw")
     if base:
         print(f"pretrain: continuing the base model in {base}", file=sys.stderr)
         if (context := context_length(base)) and cfg.seq_len > context:
@@ -170,11 +176,16 @@ def read_data(cfg: PretrainConfig, tok, corpus: Path) -> tuple[np.ndarray, dict[
 
 # ------------------------------------------------------------------------------------------- model
 def make_model(cfg: PretrainConfig, tok, device, base: Path | None):
-    """The model (random init or the base's) on `device`, compiled if asked, spread over the processes; its AdamW."""
+    """The model (random init or the base's) on `device`, compiled if asked, spread over the processes; its
+    optimizer (AdamW, or Muon for the hidden matrices)."""
     model = new_model(cfg, tok, base).to(device)
     if cfg.compile:
         model.compile()  # in place: parameter names, checkpoints and save_pretrained are unchanged
     model = distributed.wrap(model, device)  # DDP or FSDP over the processes; unchanged with one
+    if cfg.optimizer == "muon":  # bf16 orthogonalisation only where it is native: emulated, it is 10x fp32's time
+        groups = muon.param_groups(distributed.unwrap(model), cfg.weight_decay)
+        ns_dtype = torch.bfloat16 if native_bf16(device) else torch.float32
+        return model, muon.MuonAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), ns_dtype=ns_dtype)
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
         fused=device.type == "cuda",

@@ -50,7 +50,7 @@ def test_loss_falls_and_model_loads(tmp_path, tiny_corpus, tiny_tokenizer_dir):
 
 
 def test_resume_continues_the_same_run_only(tmp_path, tiny_corpus, tiny_tokenizer_dir):
-    c = cfg(max_steps=20)
+    c = cfg(max_steps=20, optimizer="adamw")  # the checkpoint below holds an AdamW state
     tok = __import__("transformers").AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     train = lm.tokenize_split(tok, tiny_corpus, "train")
     model = lm.build_model(c, tok)
