@@ -1,8 +1,8 @@
 """pretrain: a Llama-style decoder from random init (or a given causal LM), causal-LM objective on packed sequences.
 
 Tokenises the corpus once into flat arrays (tokenisation stays off the hot path), then trains with
-Muon for the hidden matrices and AdamW for the rest (or AdamW alone: `optimizer`), linear warm-up and cosine
-decay, gradient clipping and accumulation, bf16 autocast on CUDA.
+AdamW (or Muon for the hidden matrices and AdamW for the rest: `optimizer`), linear warm-up and cosine decay,
+gradient clipping and accumulation, bf16 autocast on CUDA.
 Evaluates held-out loss per source, checkpoints periodically and resumes from the last checkpoint
 when it was written by the same config and data. Output loads with `AutoModelForCausalLM`.
 

@@ -52,15 +52,16 @@ class PretrainConfig(DecoderShape, TrainingSection):  # the shape's knobs follow
     seed: int = F(0, "seed for initialisation and batch order")
     # its own loop writes these (not lmforge.training.resume), every run
     checkpoint_every: int = F(100, "steps between checkpoints (resume picks up the last one)", gt=0)
-    batch_size: int = F(8, "sequences per micro-batch", gt=0)
+    batch_size: int = F(8, "sequences per micro-batch (8 x 440 steps: the tokens of 16 x 220, twice the updates)", gt=0)
     grad_accum: int = F(1, "micro-batches per optimizer step", gt=0)
-    optimizer: Literal["muon", "adamw"] = F("muon", "muon = Muon for the decoder's hidden matrices, AdamW for embeddings, "
-                                           "head and norms (AdamW's lr carries over; 220 steps reach AdamW's held-out "
-                                           "loss at 440: docs/findings/speed.md); adamw = AdamW for all (FSDP needs it)")
-    max_steps: int = F(220, "optimizer steps", gt=0)
+    optimizer: Literal["adamw", "muon"] = F("adamw", "adamw = AdamW for all; muon = Muon for the decoder's hidden "
+                                           "matrices, AdamW for the rest (AdamW's lr carries over; 220 steps reach "
+                                           "AdamW's held-out loss at 440, but sft's AdamW then forgets more: "
+                                           "docs/findings/speed.md; not with FSDP)")
+    max_steps: int = F(440, "optimizer steps", gt=0)
     lr: float = F(3e-3, "peak learning rate", gt=0)
     min_lr_ratio: float = F(0.1, "cosine decays to lr * min_lr_ratio", ge=0, le=1)
-    warmup_steps: int = F(20, "linear warm-up steps", ge=0)
+    warmup_steps: int = F(40, "linear warm-up steps", ge=0)
     weight_decay: float = F(0.1, "weight decay, decoupled (not applied to norms and biases)", ge=0)
     beta1: float = F(0.9, "AdamW beta1", ge=0, lt=1)
     beta2: float = F(0.95, "AdamW beta2", ge=0, lt=1)
@@ -91,7 +92,7 @@ class DistillConfig(DecoderShape, DistillTeacher):
     """distill: the student has DecoderShape's knobs (pretrain's shape at the defaults: equal size)."""
 
     batch_size: int = F(8, "windows per step", gt=0)
-    max_steps: int = F(24, "optimizer steps, for the student and its control alike (pretrain takes 220: the teacher's "
+    max_steps: int = F(24, "optimizer steps, for the student and its control alike (pretrain takes 440: the teacher's "
                           "forward pass costs ~30x the student's step on a CPU; at 24 the student beats its control on "
                           "every source at seeds 0 and 1, at 40 (seed 0) not on arithmetic: docs/findings/speed.md)", gt=0)
     lr: float = F(3e-3, "peak learning rate", gt=0)
