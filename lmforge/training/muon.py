@@ -6,9 +6,9 @@ scales the step by 0.2 * sqrt(max(rows, cols)), so the learning rate and weight 
 (`adjust_lr_fn="match_rms_adamw"` in torch.optim.Muon). Embeddings, the output head, norms and biases are not
 hidden matrices and keep AdamW (torch's own functional update).
 
-torch.optim.Muon runs the iteration in bf16, which a CPU without native bf16 (AVX2 alone) emulates: 344 ms for a
-704 x 256 matrix against 31 ms in fp32 on a 2-core AMD EPYC. Here it runs in bf16 only where the device has it
-natively (lmforge.runtime.native_bf16), in fp32 elsewhere.
+torch.optim.Muon runs the iteration in bf16, which a CPU without native bf16 (AVX2 alone) emulates 30 to 50 times
+slower than fp32 (docs/findings/speed/orthogonalize.txt). Here it runs in bf16 only where the device has it
+natively (the caller passes `ns_dtype`; pretrain asks lmforge.runtime.native_bf16), in fp32 elsewhere.
 """
 
 from __future__ import annotations
