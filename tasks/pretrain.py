@@ -182,7 +182,7 @@ def make_model(cfg: PretrainConfig, tok, device, base: Path | None):
     if cfg.compile:
         model.compile()  # in place: parameter names, checkpoints and save_pretrained are unchanged
     model = distributed.wrap(model, device)  # DDP or FSDP over the processes; unchanged with one
-    if cfg.optimizer == "muon":  # bf16 orthogonalisation only where it is native: emulated, it is 10x fp32's time
+    if cfg.optimizer == "muon":  # bf16 orthogonalisation only where it is native: emulated, 30-50x fp32's time
         groups = muon.param_groups(distributed.unwrap(model), cfg.weight_decay)
         ns_dtype = torch.bfloat16 if native_bf16(device) else torch.float32
         return model, muon.MuonAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), ns_dtype=ns_dtype)

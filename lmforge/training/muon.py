@@ -87,7 +87,10 @@ class MuonAdamW(torch.optim.Optimizer):
     def _muon(self, group: dict, params: list[torch.Tensor]) -> None:
         lr, mu = group["lr"], group["momentum"]
         for p in params:
-            buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+            state = self.state[p]
+            if "momentum_buffer" not in state:  # not setdefault: that would allocate a zero matrix every step
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - mu)  # an average of the gradients, as torch.optim.Muon keeps it
             update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
             p.mul_(1 - lr * group["weight_decay"])  # decoupled, as AdamW's
