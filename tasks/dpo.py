@@ -21,7 +21,7 @@ from lmforge.training import resume
 from lmforge.training.callbacks import ForwardLogs
 from lmforge.config import DpoConfig
 from lmforge.models import load_tokenizer
-from lmforge.training.policy_eval import check_same_tokenizer, measure, preference_accuracy
+from lmforge.training.policy_eval import check_same_tokenizer, measure, measure_start, preference_accuracy
 from lmforge.training.alignment import before_after, load_policies, publish_policy
 from lmforge.training.skeleton import log_before, trainer_args
 from lmforge.errors import InputError
@@ -93,7 +93,7 @@ def run(cfg: DpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker:
     set_seed(cfg.seed)
     device, model, ref, rm = load_policies("dpo", cfg, policy, reward_model, tok, tracker, pairs_total=len(train))
     kw = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, reward_model=rm, seed=cfg.seed)
-    before, samples_before = measure(model, tok, test, suffix="_before", **kw)
+    before, samples_before = measure_start(policy, reward_model, model, tok, test, suffix="_before", **kw)
     before["pref_accuracy_before"] = preference_accuracy(model, tok, test_pairs, cfg.eval_batch_size)
     log_before(tracker, before)
 

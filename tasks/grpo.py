@@ -24,7 +24,7 @@ from lmforge.training.callbacks import OnLog
 from lmforge.chat import end_token, end_token_id
 from lmforge.config import GrpoConfig
 from lmforge.models import load_tokenizer
-from lmforge.training.policy_eval import check_same_tokenizer, measure, query_ids
+from lmforge.training.policy_eval import check_same_tokenizer, measure, measure_start, query_ids
 from lmforge.training.scoring import score_ids
 from lmforge.training.alignment import before_after, load_policies, publish_policy
 from lmforge.training.skeleton import log_before, trainer_args
@@ -149,7 +149,7 @@ def run(cfg: GrpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker
     set_seed(cfg.seed)
     device, model, ref, rm = load_policies("grpo", cfg, policy, reward_model, tok, tracker, prompts_total=len(rows))
     kw = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.response_length, reward_model=rm, seed=cfg.seed)
-    before, samples_before = measure(model, tok, test, suffix="_before", **kw)
+    before, samples_before = measure_start(policy, reward_model, model, tok, test, suffix="_before", **kw)
     log_before(tracker, before)
 
     curves: list[dict] = []

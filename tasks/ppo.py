@@ -24,7 +24,7 @@ from lmforge.config import PpoConfig
 from lmforge.training.callbacks import OnLog
 from lmforge.models import load_tokenizer
 from lmforge.training.alignment import before_after, load_policies, publish_policy
-from lmforge.training.policy_eval import check_same_tokenizer, measure, query_ids
+from lmforge.training.policy_eval import check_same_tokenizer, measure, measure_start, query_ids
 from lmforge.training.scoring import ACCURACY_KEY, load_reward_model
 from lmforge.training.skeleton import log_before
 from lmforge.errors import InputError
@@ -63,10 +63,11 @@ def training_prompts(cfg: PpoConfig) -> list[list[dict]]:
     return prompts
 
 
-def evaluate(policy, reward_model, tokenizer, rows: list[dict], cfg: PpoConfig, suffix: str, ref=None):
-    """Held-out metrics as dpo and grpo measure them (lmforge.training.policy_eval), replies sampled at eval_temperature."""
-    return measure(policy, tokenizer, rows, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.response_length,
-                   suffix=suffix, reward_model=reward_model, ref=ref, seed=cfg.seed, temperature=cfg.eval_temperature)
+def eval_settings(cfg: PpoConfig) -> dict:
+    """How the held-out prompts are answered, as dpo and grpo answer them (lmforge.training.policy_eval), replies
+    sampled at eval_temperature."""
+    return dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.response_length, seed=cfg.seed,
+                temperature=cfg.eval_temperature)
 
 
 # -------------------------------------------------------------------------------------------- stage
@@ -84,7 +85,8 @@ def run(cfg: PpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker:
     value = load_reward_model(reward_model, tok.pad_token_id).to(device)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    before, samples_before = evaluate(model, rm, tok, test, cfg, "_before")
+    before, samples_before = measure_start(policy, reward_model, model, tok, test, suffix="_before", reward_model=rm,
+                                           **eval_settings(cfg))
     log_before(tracker, before)
 
     curves: list[dict] = []
@@ -107,7 +109,7 @@ def run(cfg: PpoConfig, *, policy: Path, reward_model: Path, out: Path, tracker:
         )
     changed = any(not torch.equal(v, start[k]) for k, v in model.state_dict().items())
 
-    after, samples_after = evaluate(model, rm, tok, test, cfg, "", ref=ref)  # the runner logs the final metrics
+    after, samples_after = measure(model, tok, test, reward_model=rm, ref=ref, **eval_settings(cfg))  # logged by the runner
 
     tail = curves[-5:]  # the last few updates, less noisy than the very last one
     metrics = {

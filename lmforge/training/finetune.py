@@ -260,7 +260,9 @@ def finetune(cfg: SftConfig, model, tokenizer, train_convs: list[list[dict]], ou
                                peft_config, checkpoints=run.saves)
         base_eval = trainer.evaluate()
         result = run.train(trainer.train, ForwardLogs(tracker, history))
-    final_eval = trainer.evaluate()
+    # eval_every dividing max_steps: the trainer has just measured these weights at the last step; else once more
+    last = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == result.global_step]
+    final_eval = last[-1] if last else trainer.evaluate()
 
     final_acc, final_answers = answer_accuracy(trainer.model, tokenizer, test_rows, cfg.eval_batch_size, cfg.max_new_tokens)
     losses = [h["train/loss"] for h in history if "train/loss" in h]

@@ -172,6 +172,55 @@ def measure(policy, tokenizer, rows: list[dict], *, batch_size: int, max_new_tok
     return metrics, samples
 
 
+def measure_start(policy_dir: Path, reward_model_dir: Path, policy, tokenizer, rows: list[dict], *, batch_size: int,
+                  max_new_tokens: int, reward_model, suffix: str = "", seed: int = 0,
+                  temperature: float = 0.0) -> tuple[dict, list[dict]]:
+    """`measure` of a stage's starting policy (no `ref`), kept in the user's cache under a digest of all it reads:
+    every file of the policy and reward-model folders, the prompts, the settings, the code that measures and the
+    machine. ppo, dpo and grpo usually start from one policy on the same held-out prompts; the first of them
+    generates and scores, the others read its result (a minute each for a 135M model on a 2-core CPU)."""
+    import hashlib
+    import os
+    import platform
+    import sys
+
+    import transformers
+
+    from lmforge.runtime import cpu_flags, user_cache
+    from lmforge.training import scoring
+
+    h = hashlib.blake2b(digest_size=16)
+    for folder in (policy_dir, reward_model_dir):
+        for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+            h.update(str(f.relative_to(folder)).encode())
+            with f.open("rb") as fh:
+                while block := fh.read(1 << 24):
+                    h.update(block)
+    for module in (sys.modules[__name__], scoring, posttrain_data):
+        h.update(Path(module.__file__).read_bytes())
+    machine = (torch.__version__, transformers.__version__, str(policy.device), torch.get_num_threads(),
+               platform.machine(), sorted(cpu_flags()))
+    settings = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, suffix=suffix, seed=seed,
+                    temperature=float(temperature))
+    h.update(json.dumps([rows, settings, machine], sort_keys=True).encode())
+    root = Path(os.environ["LMFORGE_CACHE"]) if os.environ.get("LMFORGE_CACHE") else user_cache()
+    kept = root / "policy-eval" / f"{h.hexdigest()}.json"
+    if kept.exists():
+        print(f"policy_eval: the starting policy's held-out figures read from {kept} (same files, prompts, settings "
+              "and machine)", file=sys.stderr)
+        found = json.loads(kept.read_text())
+        return found["metrics"], found["samples"]
+    metrics, samples = measure(policy, tokenizer, rows, reward_model=reward_model, **settings)
+    try:  # written beside, then renamed: a reader never sees half a file
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        tmp = kept.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"metrics": metrics, "samples": samples}))
+        tmp.rename(kept)
+    except OSError:  # a read-only cache: the figures are still returned
+        pass
+    return metrics, samples
+
+
 def write_samples(path: Path, rows: list[dict], before: list[dict], after: list[dict]) -> None:
     """One JSON line per held-out prompt: its question, answer and task, and the policy's reply before and after."""
     with Path(path).open("w") as fh:
