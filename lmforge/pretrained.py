@@ -58,9 +58,8 @@ def gguf_cache(source: Source) -> Path:
     size and the hash of its head and tail: dequantising is half a minute for a 135M model, reading the kept
     safetensors a second."""
     import hashlib
-    import os
 
-    from lmforge.runtime import user_cache
+    from lmforge.runtime import kept_cache
 
     path = Path(source.where) / str(source.gguf_file)
     size = path.stat().st_size
@@ -68,8 +67,7 @@ def gguf_cache(source: Source) -> Path:
         head = fh.read(1 << 20)
         fh.seek(max(0, size - (1 << 20)))
         key = hashlib.sha256(head + fh.read() + str(size).encode()).hexdigest()[:20]
-    root = Path(os.environ["LMFORGE_CACHE"]) if os.environ.get("LMFORGE_CACHE") else user_cache()
-    return root / "gguf" / f"{path.stem}-{key}"
+    return kept_cache() / "gguf" / f"{path.stem}-{key}"
 
 
 def load(source: Source, allow_network: bool = False, allow_pickle: bool = False, trust_remote_code: bool = False,

@@ -35,6 +35,15 @@ def user_cache():
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge"
 
 
+def kept_cache():
+    """Where lmforge keeps what it computes once and reads back (GGUF conversions, starting-policy figures):
+    LMFORGE_CACHE when set, else the user's cache."""
+    import os
+    from pathlib import Path
+
+    return Path(os.environ["LMFORGE_CACHE"]) if os.environ.get("LMFORGE_CACHE") else user_cache()
+
+
 def cpu_flags() -> set[str]:
     """The instruction sets torch's own CPU dispatch detects (what lmforge's kernels can use), as /proc names."""
     import torch

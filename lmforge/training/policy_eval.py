@@ -186,7 +186,7 @@ def measure_start(policy_dir: Path, reward_model_dir: Path, policy, tokenizer, r
 
     import transformers
 
-    from lmforge.runtime import cpu_flags, user_cache
+    from lmforge.runtime import cpu_flags, kept_cache
     from lmforge.training import scoring
 
     h = hashlib.blake2b(digest_size=16)
@@ -203,8 +203,7 @@ def measure_start(policy_dir: Path, reward_model_dir: Path, policy, tokenizer, r
     settings = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, suffix=suffix, seed=seed,
                     temperature=float(temperature))
     h.update(json.dumps([rows, settings, machine], sort_keys=True).encode())
-    root = Path(os.environ["LMFORGE_CACHE"]) if os.environ.get("LMFORGE_CACHE") else user_cache()
-    kept = root / "policy-eval" / f"{h.hexdigest()}.json"
+    kept = kept_cache() / "policy-eval" / f"{h.hexdigest()}.json"
     if kept.exists():
         print(f"policy_eval: the starting policy's held-out figures read from {kept} (same files, prompts, settings "
               "and machine)", file=sys.stderr)
