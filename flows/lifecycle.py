@@ -1,7 +1,8 @@
 """The lifecycle flow: runs the DVC stages in DAG order under Prefect, one MLflow parent run per flow run.
 
 Orchestration only: each stage runs as `dvc repro --single-item <stage>` (in-process DVC API), so
-DVC decides what changed, caches and versions; unchanged stages are reported as skipped.
+DVC decides what changed, caches and versions; unchanged stages are reported as skipped. Stages that do not read
+each other's outputs run side by side (two at a time on a CPU-only machine, each on its share of the cores).
 
     python -m flows.lifecycle                          # params.yaml as it is, all stages
     python -m flows.lifecycle --preset tiny            # write params.yaml from configs/tiny.yaml first
@@ -9,6 +10,7 @@ DVC decides what changed, caches and versions; unchanged stages are reported as 
     python -m flows.lifecycle serve --cron "0 3 * * *" # serve a scheduled deployment from this process
     python -m flows.lifecycle --push team              # team stack: outputs to the DVC remote `team` too
     python -m flows.lifecycle --no-register            # no new registry versions (they are made by default)
+    python -m flows.lifecycle --jobs 1                 # one stage at a time, each on every core
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ def _dig(data: dict, dotted: str):
     return data
 
 
-def plan(root: Path, targets: list[str] | None) -> list[str]:
-    """The targets and every stage they depend on, in DAG order (every stage in dvc.yaml when no targets)."""
+def plan(root: Path, targets: list[str] | None) -> dict[str, set[str]]:
+    """The targets and every stage they depend on, in DAG order (every stage in dvc.yaml when no targets), each
+    with the stages among them whose outputs it reads."""
     import networkx as nx
     from dvc.repo import Repo
 
@@ -80,7 +83,20 @@ def plan(root: Path, targets: list[str] | None) -> list[str]:
         rank = {name: i for i, name in enumerate(STAGES)}
         sub = graph.subgraph(ordered).reverse()
         order = list(nx.lexicographical_topological_sort(sub, key=lambda st: rank.get(st.name, len(rank))))
-    return [st.name for st in order]
+        return {st.name: {up.name for up in sub.predecessors(st)} for st in order}
+
+
+def side_by_side(root: Path, jobs: int | None) -> int:
+    """How many stages run at once: `jobs`, or by default two on a machine with two or more CPUs and no GPU
+    (one thread each then: two small models train faster side by side than one after the other on two threads,
+    and one stage's start-up or Python-bound work overlaps the other's compute), else one (a GPU, or torchrun
+    workers, take the whole machine per stage)."""
+    if jobs:
+        return max(1, jobs)
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES") != "" and any(Path("/proc/driver/nvidia/gpus").glob("*"))
+    launch = (read_yaml(root / "params.yaml") or {}).get("launch") or {}
+    several = (launch.get("nproc_per_node") or 1) * (launch.get("nnodes") or 1) > 1
+    return 2 if len(os.sched_getaffinity(0)) >= 2 and not gpu and not several else 1
 
 
 def bad_input(exc: BaseException | None) -> bool:
@@ -137,35 +153,32 @@ def restore_outputs(root: Path, stage: str, saved: Path) -> str:
 
 
 @task(name="dvc-repro", retries=1, retry_delay_seconds=5, retry_condition_fn=worth_retrying, task_run_name="{stage}")
-def repro(root: str, stage: str) -> dict:
-    """Reproduce one stage if DVC sees a change; report whether it ran."""
+def repro(root: str, stage: str, threads: int | None = None) -> dict:
+    """Reproduce one stage if DVC sees a change; report whether it ran, and its dvc.lock entry's digest and data
+    (read under DVC's lock: another stage running beside it may be writing dvc.lock). `threads`: the CPU threads
+    its command gets (OMP_NUM_THREADS), while another stage runs beside it."""
     from dvc.repo import Repo
-
-    from dvc.lock import LockError
 
     logger = get_run_logger()
     start = time.perf_counter()
-    told = False
-    while True:
-        try:
-            with chdir(root), Repo(".") as repo:  # DVC resolves stage names and paths from the working directory
-                ran = bool(repo.reproduce(stage, single_item=True))
-            break
-        except LockError:  # a `dvc` command of someone else's in this project: queue behind it
-            if not told:
-                logger.info("%s: waiting for another DVC command in this project (it holds .dvc/tmp/lock)", stage)
-                told = True
-            time.sleep(1)
-        except Exception as err:
-            if not bad_input(err):
-                raise  # a crash: retried, and its traceback is worth reading
-            # bad input: the stage printed its one `error:` line; a traceback here would only bury it
-            logger.info("%s: stopped on bad input (exit code 2, not retried)", stage)
-            return {"stage": stage, "ran": False, "seconds": round(time.perf_counter() - start, 2),
-                    "failed": "bad input"}
+    run_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else None
+    try:
+        # DVC releases its lock while the command runs and takes it again after: wait for it rather than fail,
+        # as another stage (or someone's `dvc` command) may hold it then
+        with chdir(root), Repo(".", _wait_for_lock=True) as repo:  # DVC resolves names and paths from the cwd
+            ran = bool(repo.reproduce(stage, single_item=True, run_env=run_env))
+            with repo.lock:
+                made = {"lock": provenance.lock_hash(Path(root), stage), "datasets": provenance.datasets(Path(root), stage)}
+    except Exception as err:
+        if not bad_input(err):
+            raise  # a crash: retried, and its traceback is worth reading
+        # bad input: the stage printed its one `error:` line; a traceback here would only bury it
+        logger.info("%s: stopped on bad input (exit code 2, not retried)", stage)
+        return {"stage": stage, "ran": False, "seconds": round(time.perf_counter() - start, 2), "failed": "bad input"}
     seconds = round(time.perf_counter() - start, 2)
-    logger.info("%s: %s in %.1fs", stage, "ran" if ran else "skipped (unchanged)", seconds)
-    return {"stage": stage, "ran": ran, "seconds": seconds}
+    logger.info("%s: %s in %.1fs%s", stage, "ran" if ran else "skipped (unchanged)", seconds,
+                f" ({threads} thread{'s' if threads > 1 else ''}, beside another stage)" if threads and ran else "")
+    return {"stage": stage, "ran": ran, "seconds": seconds, **made}
 
 
 def summary(root: Path, results: list[dict], preset: str | None, run_id: str | None) -> str:
@@ -233,43 +246,75 @@ class StageFailed(Exception):
         self.results, self.summary_md, self.bad_input = results, summary_md, bad_input
 
 
-def run_stages(path: Path, order: list[str], preset: str | None, experiment: str,
-               register_models: bool = True) -> tuple[list[dict], Path, Path]:
-    """Reproduce each stage in order under one MLflow parent run; register the models when asked and the
-    evaluation is new; write the summary and the report card. Returns the results and the two paths.
-    A stage that fails or is interrupted gets its last good outputs back (StageFailed, or the interrupt)."""
+def run_stages(path: Path, needs: dict[str, set[str]], preset: str | None, experiment: str,
+               register_models: bool = True, jobs: int = 1) -> tuple[list[dict], Path, Path]:
+    """Reproduce the stages under one MLflow parent run, `jobs` at a time, each once the stages it reads are done;
+    register the models when asked and the evaluation is new; write the summary and the report card. Returns the
+    results (in DAG order) and the two paths. A stage that fails or is interrupted gets its last good outputs back
+    (StageFailed, or the interrupt), after the stages running beside it have finished."""
     import shutil
+
+    from prefect.futures import as_completed
 
     os.environ[tracking.ROOT_ENV] = str(path)  # the flow and its stages share one MLflow store
     # Stage commands say `python`: make it this interpreter, whatever PATH the scheduler gave us.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    order = list(needs)
+    cpus = len(os.sched_getaffinity(0))
     results: list[dict] = []
     report.preload()  # matplotlib's import (~2 s) happens while the first stage runs, not after the last
-    with tracking.flow_run("lifecycle", experiment, {"preset": preset or "", "stages": ",".join(order)}) as parent:
-        for stage in order:
-            saved = save_uncached(path, stage)
-            try:
-                result = repro(str(path), stage)
-            except BaseException as err:
-                result = {"stage": stage, "ran": False, "seconds": 0.0, "failed": type(err).__name__, "error": err}
-            if result.get("failed"):
-                stands = restore_outputs(path, stage, saved)  # first: a tracking error must not cost the outputs
-                tracking.settle_stage_runs(parent, stage)  # a killed attempt's run is FAILED too
-                parent.set_tags({"lmforge.failed_stage": stage})  # the parent run ends FAILED too
-                err = result.pop("error", None)
+    with chdir(path), tracking.flow_run("lifecycle", experiment, {"preset": preset or "", "stages": ",".join(order)}) as parent:
+        pending, running, done = list(order), {}, set()
+        failure = None  # (stage, its result, the error) of the first stage that failed
+        try:
+            while pending or running:
+                ready = [s for s in pending if needs[s] <= done] if failure is None else []
+                while ready and len(running) < jobs:
+                    stage = ready.pop(0)
+                    pending.remove(stage)
+                    beside = jobs > 1 and bool(running or ready)  # alone, a stage takes every core
+                    saved = save_uncached(path, stage)
+                    running[stage] = (repro.submit(str(path), stage, max(1, cpus // jobs) if beside else None), saved)
+                if not running:
+                    break
+                finished = next(as_completed([future for future, _ in running.values()]))
+                stage = next(name for name, (future, _) in running.items() if future is finished)
+                _, saved = running.pop(stage)
+                try:
+                    result = finished.result()
+                except BaseException as err:
+                    result = {"stage": stage, "ran": False, "seconds": 0.0, "failed": type(err).__name__, "error": err}
+                if result.get("failed"):
+                    stands = restore_outputs(path, stage, saved)  # first: a tracking error must not cost the outputs
+                    tracking.settle_stage_runs(parent, stage)  # a killed attempt's run is FAILED too
+                    err = result.pop("error", None)
+                    results.append(result)
+                    if err is not None and not isinstance(err, Exception):
+                        raise err  # interrupted: outputs back (the others' below), then stop as asked
+                    if failure is None:
+                        failure = (stage, stands, err)
+                    continue
+                shutil.rmtree(saved, ignore_errors=True)
+                done.add(stage)
+                made = {k: result.pop(k, None) for k in ("lock", "datasets")}
                 results.append(result)
-                if err is not None and not isinstance(err, Exception):
-                    raise err  # interrupted (Ctrl-C, a cancelled run): outputs back, then stop as asked
-                why = "stopped on bad input (its error: line is above)" if err is None else \
-                    f"failed ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
-                message = f"stage {stage} {why}; {stands}"
-                raise StageFailed(message, results, write_summary(path, results, preset, None, message), err is None)
-            shutil.rmtree(saved, ignore_errors=True)
-            results.append(result)
-            parent.log_metrics({f"{stage}.seconds": result["seconds"], f"{stage}.ran": float(result["ran"])})
-            if result["ran"]:
-                tracking.settle_stage_runs(parent, stage, {"dvc.lock_md5": provenance.lock_hash(path, stage)},
-                                           provenance.datasets(path, stage))
+                parent.log_metrics({f"{stage}.seconds": result["seconds"], f"{stage}.ran": float(result["ran"])})
+                if result["ran"]:
+                    tracking.settle_stage_runs(parent, stage, {"dvc.lock_md5": made["lock"] or ""}, made["datasets"] or [])
+        except BaseException:  # interrupted (Ctrl-C, a cancelled run): the running stages' last good outputs back
+            for stage, (future, saved) in running.items():
+                future.wait()
+                restore_outputs(path, stage, saved)
+                tracking.settle_stage_runs(parent, stage)  # a killed attempt's run is FAILED too
+            raise
+        results.sort(key=lambda r: order.index(r["stage"]))
+        if failure is not None:
+            stage, stands, err = failure
+            parent.set_tags({"lmforge.failed_stage": stage})  # the parent run ends FAILED too
+            why = "stopped on bad input (its error: line is above)" if err is None else \
+                f"failed ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
+            message = f"stage {stage} {why}; {stands}"
+            raise StageFailed(message, results, write_summary(path, results, preset, None, message), err is None)
         card = write_card(path)
         note = None
         if register_models and any(r["ran"] and r["stage"] == "evaluate" for r in results) and parent.run_id:
@@ -304,10 +349,10 @@ def write_card(path: Path) -> Path:
 
 @flow(name="lifecycle", log_prints=True)
 def lifecycle(preset: str | None = None, stages: list[str] | None = None, experiment: str = "lmforge",
-              root: str = ".", register_models: bool = True, push: str | None = None) -> list[dict]:
+              root: str = ".", register_models: bool = True, push: str | None = None, jobs: int | None = None) -> list[dict]:
     """Run the lifecycle's stages (or a subset and what it needs) through DVC, tracked in MLflow; with
     `register_models`, a new evaluation registers the models (lmforge/registry.py); with `push`, the outputs go to
-    that DVC remote at the end of a successful run."""
+    that DVC remote at the end of a successful run; `jobs`: stages at once (default: side_by_side)."""
     logger = get_run_logger()
     path = Path(root).resolve()
     # Bad input and failed stages end the run Failed with one line, not an exception: Prefect would print
@@ -318,10 +363,12 @@ def lifecycle(preset: str | None = None, stages: list[str] | None = None, experi
                 apply_preset(preset, path / "params.yaml", path / "configs")
                 logger.info("applied preset %s to params.yaml", preset)
             load_params(path / "params.yaml")  # every section valid before any stage starts
-            order = plan(path, stages)
+            needs = plan(path, stages)
+            order = list(needs)
             todo = stale(str(path), order)
             if todo:
-                results, summary_md, card = run_stages(path, order, preset, experiment, register_models)
+                results, summary_md, card = run_stages(path, needs, preset, experiment, register_models,
+                                                       side_by_side(path, jobs))
         except ConfigError as err:
             logger.error("error: %s", tracking.redact(str(err)))
             return Failed(message=tracking.redact(f"error: {err}"))
@@ -359,9 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-register", dest="register", action="store_false",
                     help="make no registry versions (by default a new evaluation registers the models)")
     ap.add_argument("--push", metavar="REMOTE", help="after a successful run, push the outputs to this DVC remote")
+    ap.add_argument("--jobs", type=int, metavar="N",
+                    help="stages run at once, each with its share of the CPUs (default: 2 on a CPU-only machine with "
+                         "2 or more CPUs, else 1)")
     args = ap.parse_args(argv)
     params = {"preset": args.preset, "stages": args.stages, "experiment": args.experiment, "root": args.root,
-              "register_models": args.register, "push": args.push}
+              "register_models": args.register, "push": args.push, "jobs": args.jobs}
     if args.command == "serve":
         lifecycle.serve(name="lifecycle-scheduled", cron=args.cron, parameters=params)
         return 0

@@ -47,17 +47,50 @@ def teacher_autocast(cfg: DistillConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), bf16
 
 
+class _ForwardKD(torch.autograd.Function):
+    """kd_weight x t^2 x KL(teacher || student) at temperature t, plus (1 - kd_weight) x cross-entropy, with its
+    gradient written out: (softmax(s/t) - p_teacher) x kd_weight x t + (softmax(s) - onehot) x (1 - kd_weight), per
+    token. Autograd's version keeps and re-reads several vocabulary-wide tensors per token (log-softmax backward,
+    the KL's product, the cross-entropy's own log-softmax): over a 49k vocabulary they cost about as much as the
+    head's matmul and cross-entropy (docs/findings/speed/kd-loss.txt); this one adds less than half of that."""
+
+    @staticmethod
+    def forward(ctx, s, t_logits, targets, kd: float, t: float):
+        rows = s.size(0)
+        s_log_t = F.log_softmax(s if t == 1 else s / t, dim=-1)
+        s_log = s_log_t if t == 1 else F.log_softmax(s, dim=-1)
+        t_log = F.log_softmax(t_logits.float() if t == 1 else t_logits.float() / t, dim=-1)
+        p_t = t_log.exp()
+        kl = ((t_log - s_log_t) * p_t).sum() / rows  # "batchmean": summed over the vocabulary, averaged over tokens
+        ce = -s_log.gather(1, targets[:, None]).sum() / rows
+        ctx.save_for_backward(s_log_t, s_log if t != 1 else s_log_t, p_t, targets)
+        ctx.kd, ctx.t = kd, t
+        return kd * kl * t * t + (1 - kd) * ce, ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce):
+        s_log_t, s_log, p_t, targets = ctx.saved_tensors
+        kd, t, rows = ctx.kd, ctx.t, s_log_t.size(0)
+        if t == 1:  # one softmax serves both terms: in place of the saved log-probabilities
+            grad = s_log_t.exp_().sub_(p_t, alpha=kd)
+        else:
+            grad = (s_log_t.exp() - p_t).mul_(kd * t).add_(s_log.exp(), alpha=1 - kd)
+        grad.scatter_add_(1, targets[:, None], torch.full_like(grad[:, :1], -(1 - kd)))
+        return grad.mul_(grad_loss / rows), None, None, None, None
+
+
 def distill_loss(student_logits, teacher_logits, targets, cfg: DistillConfig) -> tuple[torch.Tensor, float]:
     """(kd_weight x KL term + (1 - kd_weight) x cross-entropy, the cross-entropy alone)."""
     vocab = student_logits.size(-1)
-    ce = F.cross_entropy(student_logits.reshape(-1, vocab), targets.reshape(-1))
-    t = cfg.temperature
-    s_log = F.log_softmax(student_logits.reshape(-1, vocab) / t, dim=-1)
-    t_log = F.log_softmax(teacher_logits.reshape(-1, vocab).float() / t, dim=-1)
+    s, y = student_logits.reshape(-1, vocab), targets.reshape(-1)
     if cfg.loss == "forward_kl":  # KL(teacher || student)
-        kl = F.kl_div(s_log, t_log, log_target=True, reduction="batchmean")
-    else:  # KL(student || teacher)
-        kl = F.kl_div(t_log, s_log, log_target=True, reduction="batchmean")
+        loss, ce = _ForwardKD.apply(s, teacher_logits.reshape(-1, vocab).detach(), y, cfg.kd_weight, cfg.temperature)
+        return loss, ce.item()
+    t = cfg.temperature  # KL(student || teacher)
+    s_log = F.log_softmax(s / t, dim=-1)
+    t_log = F.log_softmax(teacher_logits.reshape(-1, vocab).float() / t, dim=-1)
+    kl = F.kl_div(t_log, s_log, log_target=True, reduction="batchmean")
+    ce = F.cross_entropy(s, y)
     return cfg.kd_weight * kl * t * t + (1 - cfg.kd_weight) * ce, ce.item()
 
 

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lmforge.config import DistillConfig
 from lmforge.models import NOT_WRITTEN
@@ -120,6 +121,26 @@ def test_distill_loss_forward_and_reverse():
     assert float(forward) > 0 and float(reverse) > 0 and float(forward) != pytest.approx(float(reverse))
     half, _ = distill.distill_loss(student, teacher, targets, DistillConfig(kd_weight=0.5))
     assert float(half) == pytest.approx(0.5 * float(forward) + 0.5 * ce, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss,temperature", [("forward_kl", 1.0), ("forward_kl", 2.0), ("reverse_kl", 1.0)])
+def test_distill_loss_equals_kl_div_form(loss, temperature):
+    """The written-out loss has the value and the gradient of F.kl_div plus F.cross_entropy."""
+    cfg = DistillConfig(kd_weight=0.3, loss=loss, temperature=temperature)
+    torch.manual_seed(1)
+    teacher, targets = torch.randn(3, 7, 50), torch.randint(0, 50, (3, 7))
+    student = torch.randn(3, 7, 50, requires_grad=True)
+    ours, ce = distill.distill_loss(student, teacher, targets, cfg)
+    (grad,) = torch.autograd.grad(ours, student)
+    s = student.reshape(-1, 50)
+    s_log, t_log = F.log_softmax(s / temperature, -1), F.log_softmax(teacher.reshape(-1, 50) / temperature, -1)
+    kl = (F.kl_div(s_log, t_log, log_target=True, reduction="batchmean") if loss == "forward_kl"
+          else F.kl_div(t_log, s_log, log_target=True, reduction="batchmean"))
+    ref = 0.3 * kl * temperature**2 + 0.7 * F.cross_entropy(s, targets.reshape(-1))
+    (ref_grad,) = torch.autograd.grad(ref, student)
+    assert float(ours) == pytest.approx(float(ref), rel=1e-5)
+    assert ce == pytest.approx(float(F.cross_entropy(s, targets.reshape(-1))), rel=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
 
 
 def test_no_teacher_writes_markers(tiny_corpus, tmp_path):
