@@ -1,8 +1,8 @@
 """The lifecycle flow: runs the DVC stages in DAG order under Prefect, one MLflow parent run per flow run.
 
 Orchestration only: each stage runs as `dvc repro --single-item <stage>` (in-process DVC API), so
-DVC decides what changed, caches and versions; unchanged stages are reported as skipped. Stages that do not read
-each other's outputs run side by side (two at a time on a CPU-only machine, each on its share of the cores).
+DVC decides what changed, caches and versions; unchanged stages are reported as skipped. The generation-bound
+stages (SIDE_BY_SIDE) run two at a time on a CPU-only machine when neither reads the other's outputs.
 
     python -m flows.lifecycle                          # params.yaml as it is, all stages
     python -m flows.lifecycle --preset tiny            # write params.yaml from configs/tiny.yaml first
@@ -86,11 +86,17 @@ def plan(root: Path, targets: list[str] | None) -> dict[str, set[str]]:
         return {st.name: {up.name for up in sub.predecessors(st)} for st in order}
 
 
+# Stages whose time goes to generating a few tokens at a time (rollouts, sampled replies, held-out answers) and to
+# Python, not to large matmuls: two of them side by side, a thread each, finish sooner than one after the other on
+# two threads (dpo and grpo on a 2-core CPU: 64 s against 83 s, the same figures; docs/findings/speed.md). A
+# trainer of matmuls gains nothing so (pretrain on one thread runs at half its speed on two), so the others run
+# alone, on every core.
+SIDE_BY_SIDE = {"ppo", "dpo", "grpo"}
+
+
 def side_by_side(root: Path, jobs: int | None) -> int:
-    """How many stages run at once: `jobs`, or by default two on a machine with two or more CPUs and no GPU
-    (one thread each then: two small models train faster side by side than one after the other on two threads,
-    and one stage's start-up or Python-bound work overlaps the other's compute), else one (a GPU, or torchrun
-    workers, take the whole machine per stage)."""
+    """How many stages of SIDE_BY_SIDE run at once: `jobs`, or by default two on a machine with two or more CPUs
+    and no GPU (a thread each then), else one (a GPU, or torchrun workers, take the whole machine per stage)."""
     if jobs:
         return max(1, jobs)
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES") != "" and any(Path("/proc/driver/nvidia/gpus").glob("*"))
@@ -248,7 +254,8 @@ class StageFailed(Exception):
 
 def run_stages(path: Path, needs: dict[str, set[str]], preset: str | None, experiment: str,
                register_models: bool = True, jobs: int = 1) -> tuple[list[dict], Path, Path]:
-    """Reproduce the stages under one MLflow parent run, `jobs` at a time, each once the stages it reads are done;
+    """Reproduce the stages under one MLflow parent run, each once the stages it reads are done (up to `jobs` of
+    SIDE_BY_SIDE at a time, each on its share of the cores; any other alone);
     register the models when asked and the evaluation is new; write the summary and the report card. Returns the
     results (in DAG order) and the two paths. A stage that fails or is interrupted gets its last good outputs back
     (StageFailed, or the interrupt), after the stages running beside it have finished."""
@@ -268,11 +275,16 @@ def run_stages(path: Path, needs: dict[str, set[str]], preset: str | None, exper
         failure = None  # (stage, its result, the error) of the first stage that failed
         try:
             while pending or running:
-                ready = [s for s in pending if needs[s] <= done] if failure is None else []
-                while ready and len(running) < jobs:
-                    stage = ready.pop(0)
+                while len(running) < jobs and failure is None:
+                    ready = [s for s in pending if needs[s] <= done]
+                    if running:  # beside running stages: only one of SIDE_BY_SIDE beside others of them
+                        ready = [s for s in ready if s in SIDE_BY_SIDE] if set(running) <= SIDE_BY_SIDE else []
+                    if not ready:
+                        break
+                    stage = ready[0]
                     pending.remove(stage)
-                    beside = jobs > 1 and bool(running or ready)  # alone, a stage takes every core
+                    # its share of the cores when another of SIDE_BY_SIDE runs or can start beside it; else every core
+                    beside = jobs > 1 and stage in SIDE_BY_SIDE and (bool(running) or any(s in SIDE_BY_SIDE for s in ready[1:]))
                     saved = save_uncached(path, stage)
                     running[stage] = (repro.submit(str(path), stage, max(1, cpus // jobs) if beside else None), saved)
                 if not running:
