@@ -255,9 +255,9 @@ class StageFailed(Exception):
 def run_stages(path: Path, needs: dict[str, set[str]], preset: str | None, experiment: str,
                register_models: bool = True, jobs: int = 1) -> tuple[list[dict], Path, Path]:
     """Reproduce the stages under one MLflow parent run, each once the stages it reads are done (up to `jobs` of
-    SIDE_BY_SIDE at a time, each on its share of the cores; any other alone);
-    register the models when asked and the evaluation is new; write the summary and the report card. Returns the
-    results (in DAG order) and the two paths. A stage that fails or is interrupted gets its last good outputs back
+    SIDE_BY_SIDE at a time, each on its share of the cores; any other alone); register the models when asked and
+    the evaluation is new; write the summary and the report card. Returns the results (in DAG order) and the two
+    paths. A stage that fails or is interrupted gets its last good outputs back
     (StageFailed, or the interrupt), after the stages running beside it have finished."""
     import shutil
 
@@ -272,7 +272,7 @@ def run_stages(path: Path, needs: dict[str, set[str]], preset: str | None, exper
     report.preload()  # matplotlib's import (~2 s) happens while the first stage runs, not after the last
     with chdir(path), tracking.flow_run("lifecycle", experiment, {"preset": preset or "", "stages": ",".join(order)}) as parent:
         pending, running, done = list(order), {}, set()
-        failure = None  # (stage, its result, the error) of the first stage that failed
+        failure = None  # (stage, what stands of its outputs, its error) of the first stage that failed
         try:
             while pending or running:
                 while len(running) < jobs and failure is None:
