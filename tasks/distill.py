@@ -83,6 +83,9 @@ def distill_loss(student_logits, teacher_logits, targets, cfg: DistillConfig) ->
     """(kd_weight x KL term + (1 - kd_weight) x cross-entropy, the cross-entropy alone)."""
     vocab = student_logits.size(-1)
     s, y = student_logits.reshape(-1, vocab), targets.reshape(-1)
+    if cfg.kd_weight == 0:  # no teacher term: the control's loss, to the bit
+        ce = F.cross_entropy(s, y)
+        return ce, ce.item()
     if cfg.loss == "forward_kl":  # KL(teacher || student)
         loss, ce = _ForwardKD.apply(s, teacher_logits.reshape(-1, vocab).detach(), y, cfg.kd_weight, cfg.temperature)
         return loss, ce.item()
