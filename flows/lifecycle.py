@@ -94,14 +94,14 @@ def plan(root: Path, targets: list[str] | None) -> dict[str, set[str]]:
 SIDE_BY_SIDE = {"ppo", "dpo", "grpo"}
 
 
-def side_by_side(root: Path, jobs: int | None) -> int:
+def side_by_side(launch, jobs: int | None) -> int:
     """How many stages of SIDE_BY_SIDE run at once: `jobs`, or by default two on a machine with two or more CPUs
-    and no GPU (a thread each then), else one (a GPU, or torchrun workers, take the whole machine per stage)."""
+    and no GPU (a thread each then), else one (a GPU, or torchrun workers, take the whole machine per stage).
+    `launch`: params.yaml's launch section."""
     if jobs:
         return max(1, jobs)
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES") != "" and any(Path("/proc/driver/nvidia/gpus").glob("*"))
-    launch = (read_yaml(root / "params.yaml") or {}).get("launch") or {}
-    several = (launch.get("nproc_per_node") or 1) * (launch.get("nnodes") or 1) > 1
+    several = launch.nproc_per_node * launch.nnodes > 1
     return 2 if len(os.sched_getaffinity(0)) >= 2 and not gpu and not several else 1
 
 
@@ -269,6 +269,7 @@ def run_stages(path: Path, needs: dict[str, set[str]], preset: str | None, exper
     order = list(needs)
     cpus = len(os.sched_getaffinity(0))
     results: list[dict] = []
+    locks: dict[str, str] = {}  # each ran stage's dvc.lock digest, read under DVC's lock when it finished
     report.preload()  # matplotlib's import (~2 s) happens while the first stage runs, not after the last
     with chdir(path), tracking.flow_run("lifecycle", experiment, {"preset": preset or "", "stages": ",".join(order)}) as parent:
         pending, running, done = list(order), {}, set()
@@ -312,7 +313,8 @@ def run_stages(path: Path, needs: dict[str, set[str]], preset: str | None, exper
                 results.append(result)
                 parent.log_metrics({f"{stage}.seconds": result["seconds"], f"{stage}.ran": float(result["ran"])})
                 if result["ran"]:
-                    tracking.settle_stage_runs(parent, stage, {"dvc.lock_md5": made["lock"] or ""}, made["datasets"] or [])
+                    locks[stage] = made["lock"] or ""
+                    tracking.settle_stage_runs(parent, stage, {"dvc.lock_md5": locks[stage]}, made["datasets"] or [])
         except BaseException:  # interrupted (Ctrl-C, a cancelled run): the running stages' last good outputs back
             for stage, (future, saved) in running.items():
                 future.wait()
@@ -336,9 +338,9 @@ def run_stages(path: Path, needs: dict[str, set[str]], preset: str | None, exper
         summary_md = write_summary(path, results, preset, parent.run_id, note)
         parent.log_artifact(summary_md)
         parent.log_artifact(card.parent, "report")
-    provenance.record(path, {r["stage"]: {"lock": provenance.lock_hash(path, r["stage"]), "flow_run": parent.run_id,
-                                          "stage_run": getattr(parent, "settled", {}).get(r["stage"])}
-                             for r in results if r["ran"]})
+    provenance.record(path, {stage: {"lock": lock, "flow_run": parent.run_id,
+                                     "stage_run": getattr(parent, "settled", {}).get(stage)}
+                             for stage, lock in locks.items()})
     return results, summary_md, card
 
 
@@ -374,13 +376,13 @@ def lifecycle(preset: str | None = None, stages: list[str] | None = None, experi
             if preset:
                 apply_preset(preset, path / "params.yaml", path / "configs")
                 logger.info("applied preset %s to params.yaml", preset)
-            load_params(path / "params.yaml")  # every section valid before any stage starts
+            params = load_params(path / "params.yaml")  # every section valid before any stage starts
             needs = plan(path, stages)
             order = list(needs)
             todo = stale(str(path), order)
             if todo:
                 results, summary_md, card = run_stages(path, needs, preset, experiment, register_models,
-                                                       side_by_side(path, jobs))
+                                                       side_by_side(params["launch"], jobs))
         except ConfigError as err:
             logger.error("error: %s", tracking.redact(str(err)))
             return Failed(message=tracking.redact(f"error: {err}"))

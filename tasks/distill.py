@@ -63,7 +63,7 @@ class _ForwardKD(torch.autograd.Function):
         p_t = t_log.exp()
         kl = ((t_log - s_log_t) * p_t).sum() / rows  # "batchmean": summed over the vocabulary, averaged over tokens
         ce = -s_log.gather(1, targets[:, None]).sum() / rows
-        ctx.save_for_backward(s_log_t, s_log if t != 1 else s_log_t, p_t, targets)
+        ctx.save_for_backward(s_log_t, s_log, p_t, targets)
         ctx.kd, ctx.t = kd, t
         return kd * kl * t * t + (1 - kd) * ce, ce
 
