@@ -140,8 +140,9 @@ def test_cli_reads_records_and_writes_the_table(tmp_path):
     assert main(argv) == 0
     result = json.loads((res / "latest.json").read_text())
     rows = {r["key"]: r for r in result["rows"]}
-    assert rows["lifecycle_wall"]["ours"] == pytest.approx(21.5)
-    assert rows["lifecycle_wall"]["met"] is None and "incomplete" in rows["lifecycle_wall"]["note"]
+    lifecycle, _ = records.lifecycle_kind()
+    assert rows[lifecycle]["ours"] == pytest.approx(21.5)
+    assert rows[lifecycle]["met"] is None and "incomplete" in rows[lifecycle]["note"]
     assert rows["quantize.int8"]["value"] == pytest.approx(0.5)
     assert rows["tests"]["status"] == "skipped"
     assert result["machine"]["cpu"] and result["machine"]["versions"]["torch"]
@@ -162,8 +163,8 @@ def test_cli_reads_records_and_writes_the_table(tmp_path):
     merged = json.loads((res / "latest.json").read_text())
     rows = {r["key"]: r for r in merged["rows"]}
     # --only 9 re-ran row 9 only; the other rows are kept with the run that measured them
-    assert list(rows) == ["lifecycle_wall", "quantize.int8", "test_suite"]
-    assert rows["lifecycle_wall"]["run"]["commit"] == "abc1234"
+    assert list(rows) == [lifecycle, "quantize.int8", "test_suite"]
+    assert rows[lifecycle]["run"]["commit"] == "abc1234"
     assert rows["quantize.int8"]["run"]["created"] == result["created"]
     row = rows["test_suite"]
     assert row["ours"] == 300.0 and row["met"] is True and "recorded" in row["note"]
@@ -245,6 +246,21 @@ def test_a_group_rerun_replaces_its_rows_and_keeps_another_presets():
     assert [(r["key"], r["run"]["commit"]) for r in again if r["group"] == "compression"] == \
         [("compression.qat_vs_rtn", "b"), ("compression.qat_vs_rtn.smollm2", "b")]
     assert any(r["key"] == "lifecycle" for r in again)  # a group that did not run stays as it was
+
+
+def test_each_cpu_kind_keeps_its_own_lifecycle_row(monkeypatch):
+    from bench.__main__ import merge
+    from lmforge import runtime
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    wide, wide_limit = records.lifecycle_kind(), records.lifecycle_limit()[0]
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2"})
+    narrow, narrow_limit = records.lifecycle_kind(), records.lifecycle_limit()[0]
+    assert wide[0] != narrow[0] and "AVX-512" in wide[1] and "AVX2 only" in narrow[1]
+    assert (wide_limit, narrow_limit) == (300.0, 600.0)
+    old = {"rows": [dict(key=narrow[0], group="lifecycle", run={"commit": "a"})]}
+    rows = merge([dict(key=wide[0], group="lifecycle", run={"commit": "b"})], old, {"lifecycle"})
+    assert [(r["key"], r["run"]["commit"]) for r in rows] == [(narrow[0], "a"), (wide[0], "b")]
 
 
 def test_row_9_sums_the_durations_report_by_module():
