@@ -2,7 +2,7 @@
 
 Orchestration only: each stage runs as `dvc repro --single-item <stage>` (in-process DVC API), so
 DVC decides what changed, caches and versions; unchanged stages are reported as skipped. The generation-bound
-stages (SIDE_BY_SIDE) run two at a time on a CPU-only machine when neither reads the other's outputs.
+stages (SIDE_BY_SIDE) start two at a time on a CPU-only machine when neither reads the other's outputs.
 
     python -m flows.lifecycle                          # params.yaml as it is, all stages
     python -m flows.lifecycle --preset tiny            # write params.yaml from configs/tiny.yaml first
@@ -95,11 +95,11 @@ SIDE_BY_SIDE = {"ppo", "dpo", "grpo"}
 
 
 def side_by_side(launch, jobs: int | None) -> int:
-    """How many stages of SIDE_BY_SIDE run at once: `jobs`, or by default two on a machine with two or more CPUs
-    and no GPU (a thread each then), else one (a GPU, or torchrun workers, take the whole machine per stage).
-    `launch`: params.yaml's launch section."""
-    if jobs:
-        return max(1, jobs)
+    """How many stages of SIDE_BY_SIDE run at once: `jobs` (the command line's), else the launch section's, else by
+    default two on a machine with two or more CPUs and no GPU (a thread each then), else one (a GPU, or torchrun
+    workers, take the whole machine per stage). `launch`: params.yaml's launch section."""
+    if jobs or launch.jobs:
+        return max(1, jobs or launch.jobs)
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES") != "" and any(Path("/proc/driver/nvidia/gpus").glob("*"))
     several = launch.nproc_per_node * launch.nnodes > 1
     return 2 if len(os.sched_getaffinity(0)) >= 2 and not gpu and not several else 1
@@ -276,18 +276,17 @@ def run_stages(path: Path, needs: dict[str, set[str]], preset: str | None, exper
         failure = None  # (stage, what stands of its outputs, its error) of the first stage that failed
         try:
             while pending or running:
-                while len(running) < jobs and failure is None:
-                    ready = [s for s in pending if needs[s] <= done]
-                    if running:  # beside running stages: only one of SIDE_BY_SIDE beside others of them
-                        ready = [s for s in ready if s in SIDE_BY_SIDE] if set(running) <= SIDE_BY_SIDE else []
-                    if not ready:
-                        break
-                    stage = ready[0]
+                ready = [s for s in pending if needs[s] <= done] if not running and failure is None else []
+                # The next stage alone on every core, or up to `jobs` of SIDE_BY_SIDE together, each on its share
+                # of the cores; none joins a batch already running, where it would keep its one thread after the
+                # others end (grpo on the real model: 420 s alone on one thread; docs/findings/smollm2.md).
+                batch = [s for s in ready if s in SIDE_BY_SIDE][:jobs] if ready[:1] and ready[0] in SIDE_BY_SIDE \
+                    else ready[:1]
+                for stage in batch:
                     pending.remove(stage)
-                    # its share of the cores when another of SIDE_BY_SIDE runs or can start beside it; else every core
-                    beside = jobs > 1 and stage in SIDE_BY_SIDE and (bool(running) or any(s in SIDE_BY_SIDE for s in ready[1:]))
                     saved = save_uncached(path, stage)
-                    running[stage] = (repro.submit(str(path), stage, max(1, cpus // jobs) if beside else None), saved)
+                    threads = max(1, cpus // len(batch)) if len(batch) > 1 else None
+                    running[stage] = (repro.submit(str(path), stage, threads), saved)
                 if not running:
                     break
                 finished = next(as_completed([future for future, _ in running.values()]))

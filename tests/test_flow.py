@@ -79,15 +79,20 @@ def test_mlflow_has_parent_and_nested_stage_runs(project, first_run, tracked):
     assert len(client.get_metric_history(pre.info.run_id, "train_loss")) >= 3  # a curve, not a point
     assert re.fullmatch(r"[0-9a-f]{32}", pre.data.tags["dvc.lock_md5"])
 
-    from flows.lifecycle import plan, side_by_side
+    from flows.lifecycle import SIDE_BY_SIDE, plan, side_by_side
     from lmforge.config import load_params
 
     span = {name: (run.info.start_time, run.info.end_time) for name, run in children.items()}
     for stage, reads in plan(project, None).items():  # a stage starts once the stages it reads have finished
         assert all(span[stage][0] >= span[up][1] for up in reads), (stage, reads, span)
     launch = load_params(project / "params.yaml")["launch"]
-    if side_by_side(launch, None) > 1:  # and stages that do not read each other's outputs ran side by side
-        assert any(span[a][0] < span[b][1] and span[b][0] < span[a][1] for a in span for b in span if a < b), span
+    if side_by_side(launch, None) > 1:  # and stages that do not read each other's outputs ran side by side,
+        pairs = [(a, b) for a in span for b in span if a < b and span[a][0] < span[b][1] and span[b][0] < span[a][1]]
+        assert pairs and all({a, b} <= SIDE_BY_SIDE for a, b in pairs), span  # only those of SIDE_BY_SIDE,
+        for a, b in pairs:  # a pair at a time: none joined a pair already running
+            for c in set(span) - {a, b}:
+                assert span[c][0] >= max(span[a][1], span[b][1]) or span[c][1] <= min(span[a][0], span[b][0]), \
+                    (a, b, c, span)
     assert pre.data.tags["lmforge.git_commit"]
     assert pre.data.tags["lmforge.pid"] == parents[0].data.tags["lmforge.pid"]  # the flow's writer wrote both
     assert pre.data.tags["lmforge.process"] != parents[0].data.tags["lmforge.process"]  # journalled by the stage

@@ -291,3 +291,5 @@ class LaunchConfig(Section):
         ["pretrain", "sft", "lora", "reward", "ppo", "dpo", "grpo"], "training stages that start nproc_per_node x nnodes workers"
     )
     max_restarts: int = F(0, "torchrun restarts of a failed worker group before the stage fails (the flow retries too)", ge=0)
+    jobs: int = F(0, "ppo, dpo and grpo at once on a CPU-only machine, each on its share of the cores (the flow's --jobs "
+                     "wins): 0 = auto, two with 2+ CPUs and no GPU or torchrun workers; 1 = one at a time on every core", ge=0)
