@@ -420,8 +420,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="make no registry versions (by default a new evaluation registers the models)")
     ap.add_argument("--push", metavar="REMOTE", help="after a successful run, push the outputs to this DVC remote")
     ap.add_argument("--jobs", type=int, metavar="N",
-                    help="stages run at once, each with its share of the CPUs (default: 2 on a CPU-only machine with "
-                         "2 or more CPUs, else 1)")
+                    help="ppo, dpo and grpo run at once, each with its share of the CPUs (default: params.yaml's "
+                         "launch.jobs, whose 0 means 2 on a CPU-only machine with 2 or more CPUs, else 1)")
     args = ap.parse_args(argv)
     params = {"preset": args.preset, "stages": args.stages, "experiment": args.experiment, "root": args.root,
               "register_models": args.register, "push": args.push, "jobs": args.jobs}
