@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from lmforge.cli.preset import render, resolve
+from lmforge.runtime import native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -83,7 +85,11 @@ def test_two_processes_match_one(strategy, optimizer, one_process, tiny_corpus, 
     assert "starting 2 processes" in result.stderr
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["processes"] == 2
-    assert_same_run(one_process(optimizer), tmp_path / "out")
+    # Muon orthogonalises in bf16 where the CPU has it natively (tasks/pretrain.py): the all-reduce's last-bit
+    # differences then flip bf16 roundings of the update, 2e-3 in the weights on an AVX512-BF16 EPYC, while the
+    # loss curves still agree within LOSS_TOL; in fp32 (AVX2 alone) the weights agree within 1e-4.
+    bf16 = optimizer == "muon" and native_bf16(torch.device("cpu"))
+    assert_same_run(one_process(optimizer), tmp_path / "out", weight_tol=1e-2 if bf16 else 1e-4)
     assert metrics["final_val_loss"] < metrics["initial_val_loss"] - 1  # it learnt, identically
     assert not list(tmp_path.glob("**/.*.staging"))
     # the model folder is a plain transformers model, written once
