@@ -16,6 +16,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from bench.core import ROOT, Context, Row, Skip, base_env, fmt, limit_row, log, ratio_row, run_cmd
 
@@ -23,22 +24,22 @@ LIMIT_S = 600.0
 CPUS = 2
 
 
-def lifecycle_limit() -> tuple[float, str]:
-    """The default lifecycle's limit on this machine's kind of CPU: 600 s with AVX2 alone, 300 s with AVX-512."""
+class LifecycleKind(NamedTuple):
+    key: str  # each kind of CPU keeps its own row 7, so the page shows both limits
+    title: str
+    limit: float
+    note: str
+
+
+def lifecycle_kind() -> LifecycleKind:
+    """Row 7 on this machine's kind of CPU: limit 600 s with AVX2 alone, 300 s with AVX-512."""
     from lmforge.runtime import cpu_flags
 
     if "avx512f" in cpu_flags():
-        return 300.0, "limit for a CPU with AVX-512 (600 s with AVX2 alone)"
-    return LIMIT_S, "limit for a CPU with AVX2 alone (300 s with AVX-512)"
-
-
-def lifecycle_kind() -> tuple[str, str]:
-    """Row 7's key and title for this kind of CPU: each kind keeps its own row, so the page shows both limits."""
-    from lmforge.runtime import cpu_flags
-
-    if "avx512f" in cpu_flags():
-        return "lifecycle_wall_avx512", "Default lifecycle, all stages, 2-core CPU with AVX-512"
-    return "lifecycle_wall", "Default lifecycle, all stages, 2-core CPU with AVX2 only"
+        return LifecycleKind("lifecycle_wall_avx512", "Default lifecycle, all stages, 2-core CPU with AVX-512", 300.0,
+                             "limit for a CPU with AVX-512 (600 s with AVX2 alone)")
+    return LifecycleKind("lifecycle_wall", "Default lifecycle, all stages, 2-core CPU with AVX2 only", LIMIT_S,
+                         "limit for a CPU with AVX2 alone (300 s with AVX-512)")
 
 
 def stage_metrics(out: Path) -> dict[str, dict]:
@@ -98,20 +99,20 @@ def pinned_peak(ctx: Context) -> float:
 def lifecycle_rows(ctx: Context) -> list[Row]:
     from lmforge.config import STAGES
 
-    key, title = lifecycle_kind()
+    row7 = lifecycle_kind()
     if ctx.full:
         peak = ctx.memo("cpu_peak", lambda: pinned_peak(ctx))
         wall, out = ctx.memo("lifecycle", lambda: full_lifecycle(ctx))
         metrics = stage_metrics(out)
         per_stage = {s: m.get("wall_time_s") for s, m in metrics.items()}
-        limit, kind = lifecycle_limit()
+        tflop = wall * peak / 1e12
         # CPUs compare by the work their own matmul peak would do in the lifecycle's time
-        note = (f"measured here: `python -m flows.lifecycle`, default preset, pinned to {CPUS} CPUs, GPU hidden; {kind}; "
+        note = (f"measured here: `python -m flows.lifecycle`, default preset, pinned to {CPUS} CPUs, GPU hidden; {row7.note}; "
                 f"this CPU's fp32 matmul peak on {CPUS} threads {peak / 1e9:.0f} GFLOP/s, so the run took "
-                f"{wall * peak / 1e12:.0f} TFLOP of peak time; per stage: "
+                f"{tflop:.0f} TFLOP of peak time; per stage: "
                 + ", ".join(f"{s} {fmt(v, 's')}" for s, v in per_stage.items()))
-        return [limit_row("7", key, title, wall, limit, note=note, per_stage=per_stage, source="measured",
-                          peak_flops_per_s=peak, peak_tflop=wall * peak / 1e12)]
+        return [limit_row("7", row7.key, row7.title, wall, row7.limit, note=note, per_stage=per_stage, source="measured",
+                          peak_flops_per_s=peak, peak_tflop=tflop)]
     out = ctx.records / "out"
     metrics = stage_metrics(out)
     if not metrics:
@@ -121,11 +122,10 @@ def lifecycle_rows(ctx: Context) -> list[Row]:
     newest = max((out / s / "metrics.json").stat().st_mtime for s in metrics)
     total = sum(per_stage.values())
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(newest))
-    limit, kind = lifecycle_limit()
     note = (f"recorded: sum of the stages' wall_time_s in {out} (latest {when}), "
             f"params.yaml {_params_preset(ctx.records)}; the record does not say how many CPUs it ran on; excludes "
-            f"DVC/Prefect start-up; {kind}; per stage: " + ", ".join(f"{s} {fmt(v, 's')}" for s, v in per_stage.items()))
-    row = limit_row("7", key, title, total, limit, note=note,
+            f"DVC/Prefect start-up; {row7.note}; per stage: " + ", ".join(f"{s} {fmt(v, 's')}" for s, v in per_stage.items()))
+    row = limit_row("7", row7.key, row7.title, total, row7.limit, note=note,
                     per_stage=per_stage, source="recorded", missing=missing)
     if missing:  # a partial sum says nothing about the limit
         row.met = None

@@ -140,7 +140,7 @@ def test_cli_reads_records_and_writes_the_table(tmp_path):
     assert main(argv) == 0
     result = json.loads((res / "latest.json").read_text())
     rows = {r["key"]: r for r in result["rows"]}
-    lifecycle, _ = records.lifecycle_kind()
+    lifecycle = records.lifecycle_kind().key
     assert rows[lifecycle]["ours"] == pytest.approx(21.5)
     assert rows[lifecycle]["met"] is None and "incomplete" in rows[lifecycle]["note"]
     assert rows["quantize.int8"]["value"] == pytest.approx(0.5)
@@ -253,11 +253,11 @@ def test_each_cpu_kind_keeps_its_own_lifecycle_row(monkeypatch):
     from lmforge import runtime
 
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
-    wide, wide_limit = records.lifecycle_kind(), records.lifecycle_limit()[0]
+    wide = records.lifecycle_kind()
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2"})
-    narrow, narrow_limit = records.lifecycle_kind(), records.lifecycle_limit()[0]
+    narrow = records.lifecycle_kind()
     assert wide[0] != narrow[0] and "AVX-512" in wide[1] and "AVX2 only" in narrow[1]
-    assert (wide_limit, narrow_limit) == (300.0, 600.0)
+    assert (wide.limit, narrow.limit) == (300.0, 600.0)
     old = {"rows": [dict(key=narrow[0], group="lifecycle", run={"commit": "a"})]}
     rows = merge([dict(key=wide[0], group="lifecycle", run={"commit": "b"})], old, {"lifecycle"})
     assert [(r["key"], r["run"]["commit"]) for r in rows] == [(narrow[0], "a"), (wide[0], "b")]
